@@ -1,0 +1,613 @@
+"""Projections: Hadamard matrices of any LLM size, the fast Walsh-Hadamard transform,
+random orthogonal rotations and the PCA helpers used by ResQ / QuaRot.
+
+Hadamard of size n (REFERENCE.md section 2)
+-------------------------------------------
+``n = K * 2^m`` and ``H_n = (H_K ⊗ H_{2^m}) / sqrt(n)`` with the K index slowest
+(``np.kron(H_K, H_2m)``). ``H_{2^m}`` is Sylvester's matrix in natural order
+(``H_2 = [[1, 1], [1, -1]]``, ``H_{2^{m+1}} = kron(H_2, H_{2^m})``, so
+``H[i, j] = (-1)^popcount(i & j)``, symmetric). ``H_K`` is unnormalized,
+``H_K @ H_K.T == K * I``, and generally NOT symmetric.
+
+``H_K`` comes from our own constructions (no stored tables), see :func:`hadamard_k`:
+
+* Sylvester for K a power of two;
+* Paley I for ``K = q + 1``, q a prime power ``≡ 3 (mod 4)`` (skew type ``I + S``);
+* Paley II for ``K = 2 (q + 1)``, q a prime power ``≡ 1 (mod 4)``;
+* doubling ``kron(H_2, H_{K/2})``;
+* GF(p^k) arithmetic is built here (polynomials over GF(p) modulo an irreducible
+  polynomial found by search), so prime powers such as 25, 27, 343 work.
+
+Sizes with no Hadamard matrix (K odd > 1, or K ≡ 2 mod 4 with K > 2) get a seeded
+Haar-random orthogonal K x K matrix times sqrt(K) (:func:`substitute_orthogonal`), so
+``H_K H_K^T = K I`` to float64 precision and the transform stays orthogonal.
+
+Choice of K (:func:`hadamard_factor`): write ``n = odd * 2^a``. If ``odd == 1``, K = 1.
+Otherwise take the smallest ``K = odd * 2^j`` with ``2 <= j <= a`` and ``K <= MAX_K``
+that has a true Hadamard construction (largest power-of-two factor); if there is none,
+use the substitute with ``K = odd`` (and ``m = a``) provided ``odd <= MAX_K``; otherwise
+raise :class:`HadamardSizeError`. Examples: 576 = 36·16, 896 = 28·32, 1536 = 12·128,
+4864 = 76·64 (Paley II, q = 37), 8960 = 140·64, 14336 = 28·512, 18944 = 148·128
+(Paley II, q = 73), 29568 = 924·32 (Paley II, q = 461), 11008 = 344·32 (Paley I over
+GF(7^3)), 37 -> substitute K = 37.
+
+Transform convention (the numerics native kernels must match)
+-------------------------------------------------------------
+``hadamard_transform(x) == x @ hadamard_matrix(n).T`` along the last axis, i.e.
+``y_i = sum_j H[i, j] x_j``: reshape ``x`` to ``[..., K, 2^m]``, unnormalized fast
+Walsh-Hadamard transform on the last axis, then ``y[..., k, :] = sum_j H_K[k, j] z[..., j, :]``
+(H_K cast to the compute dtype, float32 for float32/bfloat16/float16 inputs, float64
+for float64 inputs), then multiply by ``1 / sqrt(n)`` and cast back to the input dtype.
+``transpose=True`` computes ``x @ hadamard_matrix(n)`` (uses ``H_K^T``; the Sylvester
+part is symmetric). Both are orthogonal and inverse to each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "MAX_K",
+    "HadamardSizeError",
+    "is_prime_power",
+    "sylvester",
+    "paley1",
+    "paley2",
+    "hadamard_k",
+    "hadamard_construction",
+    "has_hadamard",
+    "substitute_orthogonal",
+    "hadamard_factor",
+    "hadamard_matrix",
+    "fwht",
+    "hadamard_transform",
+    "hadamard_transform_np",
+    "random_orthogonal",
+    "block_diag_rotation",
+    "damped_eigh",
+    "high_rank",
+    "randomized_hadamard",
+]
+
+MAX_K = 1024
+"""Largest K (true Hadamard or substitute) hadamard_factor will use: the K-axis
+product costs K multiply-adds per element."""
+
+_SUBSTITUTE_SEED_TAG = 0x52455351  # "RESQ": seed of the substitute for order K is [tag, K]
+
+
+class HadamardSizeError(ValueError):
+    """No Hadamard-like orthogonal transform of this size is available."""
+
+
+# ----------------------------------------------------------------------------------------
+# Integer helpers and finite fields GF(p^k)
+# ----------------------------------------------------------------------------------------
+
+
+def _factorize(n: int) -> dict[int, int]:
+    """Prime factorization by trial division (n is small here)."""
+    out: dict[int, int] = {}
+    d = 2
+    while d * d <= n:
+        while n % d == 0:
+            out[d] = out.get(d, 0) + 1
+            n //= d
+        d += 1
+    if n > 1:
+        out[n] = out.get(n, 0) + 1
+    return out
+
+
+def is_prime_power(q: int) -> tuple[int, int] | None:
+    """Return (p, k) with q = p^k, p prime, k >= 1; None if q is not a prime power."""
+    if q < 2:
+        return None
+    f = _factorize(q)
+    if len(f) != 1:
+        return None
+    ((p, k),) = f.items()
+    return p, k
+
+
+def _poly_mod(a: list[int], f: list[int], p: int) -> list[int]:
+    """a mod f over GF(p); polynomials are coefficient lists, lowest degree first; f monic."""
+    a = [c % p for c in a]
+    df = len(f) - 1
+    while len(a) - 1 >= df and any(a):
+        if a[-1] == 0:
+            a.pop()
+            continue
+        c = a[-1]
+        shift = len(a) - 1 - df
+        for i, fc in enumerate(f):
+            a[shift + i] = (a[shift + i] - c * fc) % p
+        a.pop()
+    while len(a) > 1 and a[-1] == 0:
+        a.pop()
+    return a
+
+
+def _is_irreducible(f: list[int], p: int) -> bool:
+    """Monic f of degree k over GF(p) is irreducible iff no monic g of degree 1..k//2 divides it."""
+    k = len(f) - 1
+    for dg in range(1, k // 2 + 1):
+        for idx in range(p**dg):
+            g = [(idx // p**i) % p for i in range(dg)] + [1]
+            r = _poly_mod(list(f), g, p)
+            if not any(r):
+                return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _irreducible_poly(p: int, k: int) -> tuple[int, ...]:
+    """The first monic irreducible polynomial of degree k over GF(p) (coefficients low to high),
+    enumerating the lower coefficients as base-p digits of 0, 1, 2, ..."""
+    for idx in range(p**k):
+        f = [(idx // p**i) % p for i in range(k)] + [1]
+        if f[0] == 0:
+            continue
+        if _is_irreducible(f, p):
+            return tuple(f)
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")  # impossible
+
+
+def _quadratic_character_table(q: int) -> np.ndarray:
+    """chi[a - b] for all field elements a, b of GF(q), as an int64 [q, q] matrix.
+
+    Elements of GF(p^k) are integers e = sum_i c_i p^i (coefficients of a polynomial in the
+    root of the irreducible modulus). chi(0) = 0, chi(square) = 1, chi(non-square) = -1.
+    """
+    pk = is_prime_power(q)
+    if pk is None:
+        raise ValueError(f"q={q} is not a prime power")
+    p, k = pk
+    if k == 1:
+        squares = np.zeros(q, dtype=bool)
+        squares[(np.arange(1, q, dtype=np.int64) ** 2) % q] = True
+        diff = (np.arange(q)[:, None] - np.arange(q)[None, :]) % q
+    else:
+        f = list(_irreducible_poly(p, k))
+        digits = (np.arange(q)[:, None] // p ** np.arange(k)[None, :]) % p  # [q, k]
+        squares = np.zeros(q, dtype=bool)
+        for e in range(1, q):
+            c = [int(v) for v in digits[e]]
+            sq = [0] * (2 * k - 1)
+            for i in range(k):
+                for j in range(k):
+                    sq[i + j] += c[i] * c[j]
+            r = _poly_mod(sq, f, p)
+            squares[sum(int(v) * p**i for i, v in enumerate(r))] = True
+        dd = (digits[:, None, :] - digits[None, :, :]) % p  # [q, q, k]
+        diff = (dd * (p ** np.arange(k))).sum(-1)
+    chi = np.where(squares, 1, -1).astype(np.int64)
+    chi[0] = 0
+    assert squares.sum() == (q - 1) // 2 or q == 2
+    return chi[diff]
+
+
+# ----------------------------------------------------------------------------------------
+# Hadamard constructions (exact, integer)
+# ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester_cached(n: int) -> np.ndarray:
+    h = np.ones((1, 1), dtype=np.int64)
+    h2 = np.array([[1, 1], [1, -1]], dtype=np.int64)
+    while h.shape[0] < n:
+        h = np.kron(h2, h)
+    h.setflags(write=False)
+    return h
+
+
+def sylvester(n: int) -> np.ndarray:
+    """Sylvester Hadamard matrix [n, n] int64, n a power of two, natural order:
+    H[i, j] = (-1)^popcount(i & j)."""
+    if not isinstance(n, (int, np.integer)) or n < 1 or n & (n - 1):
+        raise HadamardSizeError(f"Sylvester order must be a power of two, got {n!r}")
+    return _sylvester_cached(int(n)).copy()
+
+
+def paley1(q: int) -> np.ndarray:
+    """Paley I Hadamard matrix of order q + 1 ([q+1, q+1] int64), q a prime power ≡ 3 mod 4.
+
+    With the Jacobsthal matrix Q[a, b] = chi(a - b) (skew, Q Q^T = q I - J, Q J = 0) and
+    S = [[0, 1^T], [-1, Q]] (skew, S S^T = q I), H = I + S.
+    """
+    if is_prime_power(q) is None or q % 4 != 3:
+        raise HadamardSizeError(f"Paley I needs a prime power q ≡ 3 mod 4, got q={q}")
+    jac = _quadratic_character_table(q)
+    s = np.zeros((q + 1, q + 1), dtype=np.int64)
+    s[0, 1:] = 1
+    s[1:, 0] = -1
+    s[1:, 1:] = jac
+    return np.eye(q + 1, dtype=np.int64) + s
+
+
+def paley2(q: int) -> np.ndarray:
+    """Paley II Hadamard matrix of order 2 (q + 1), q a prime power ≡ 1 mod 4.
+
+    C = [[0, 1^T], [1, Q]] is symmetric with C C^T = q I (conference matrix); every zero of C
+    becomes [[1, -1], [-1, -1]] and every ±1 becomes ±[[1, 1], [1, -1]].
+    """
+    if is_prime_power(q) is None or q % 4 != 1:
+        raise HadamardSizeError(f"Paley II needs a prime power q ≡ 1 mod 4, got q={q}")
+    jac = _quadratic_character_table(q)
+    c = np.zeros((q + 1, q + 1), dtype=np.int64)
+    c[0, 1:] = 1
+    c[1:, 0] = 1
+    c[1:, 1:] = jac
+    h2 = np.array([[1, 1], [1, -1]], dtype=np.int64)
+    z = np.array([[1, -1], [-1, -1]], dtype=np.int64)
+    return np.kron(c, h2) + np.kron(np.eye(q + 1, dtype=np.int64), z)
+
+
+def _construction_plan(k: int) -> tuple[str, int] | None:
+    """How to build a Hadamard matrix of order k: ('sylvester', k), ('paley1', q),
+    ('paley2', q), ('double', k // 2); None if we have no construction.
+    Preference order: Sylvester, Paley I, Paley II, doubling."""
+    if k < 1:
+        return None
+    if k & (k - 1) == 0:
+        return ("sylvester", k)
+    if k % 4:
+        return None
+    if is_prime_power(k - 1) is not None:  # k ≡ 0 mod 4 => k - 1 ≡ 3 mod 4
+        return ("paley1", k - 1)
+    q = k // 2 - 1
+    if q % 4 == 1 and is_prime_power(q) is not None:
+        return ("paley2", q)
+    if _construction_plan(k // 2) is not None:
+        return ("double", k // 2)
+    return None
+
+
+def has_hadamard(k: int) -> bool:
+    """True if :func:`hadamard_k` can construct an exact Hadamard matrix of order k."""
+    return _construction_plan(int(k)) is not None
+
+
+def hadamard_construction(k: int) -> str:
+    """Human-readable description of how H_k is built (e.g. 'Paley II, q=17')."""
+    plan = _construction_plan(int(k))
+    if plan is None:
+        return f"none (substitute: seeded Haar-random orthogonal {k}x{k} times sqrt({k}))"
+    kind, arg = plan
+    if kind == "sylvester":
+        return f"Sylvester 2^{arg.bit_length() - 1}"
+    if kind == "paley1":
+        p, e = is_prime_power(arg)
+        return f"Paley I, q={arg}" + (f"=GF({p}^{e})" if e > 1 else "")
+    if kind == "paley2":
+        p, e = is_prime_power(arg)
+        return f"Paley II, q={arg}" + (f"=GF({p}^{e})" if e > 1 else "")
+    return f"doubling kron(H_2, H_{arg}) [{hadamard_construction(arg)}]"
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_k_cached(k: int) -> np.ndarray:
+    plan = _construction_plan(k)
+    if plan is None:
+        raise HadamardSizeError(
+            f"no Hadamard construction for order {k}: a Hadamard matrix needs order 1, 2 or a "
+            f"multiple of 4, and we build Sylvester, Paley I (q+1), Paley II (2(q+1)) and doubling; "
+            f"use substitute_orthogonal({k}) or hadamard_factor(n) which falls back to it"
+        )
+    kind, arg = plan
+    if kind == "sylvester":
+        h = sylvester(arg)
+    elif kind == "paley1":
+        h = paley1(arg)
+    elif kind == "paley2":
+        h = paley2(arg)
+    else:
+        h = np.kron(np.array([[1, 1], [1, -1]], dtype=np.int64), _hadamard_k_cached(arg))
+    # Exact check (float64 sums of ±1 products are exact integers here; BLAS is faster than int64).
+    hf = h.astype(np.float64)
+    if not np.array_equal(hf @ hf.T, k * np.eye(k)):
+        raise AssertionError(f"construction {plan} did not give a Hadamard matrix")  # bug guard
+    h.setflags(write=False)
+    return h
+
+
+def hadamard_k(k: int) -> np.ndarray:
+    """Exact Hadamard matrix of order k as int64 [k, k] (entries ±1, H H^T = k I).
+
+    Raises HadamardSizeError if we have no construction for k (see module docstring)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise HadamardSizeError(f"order must be an int, got {k!r}")
+    return _hadamard_k_cached(int(k)).copy()
+
+
+def _haar_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Haar-random orthogonal [n, n] float64: QR of a Gaussian with columns times sign(diag R)."""
+    g = rng.standard_normal((n, n))
+    q, r = np.linalg.qr(g)
+    s = np.sign(np.diag(r))
+    s[s == 0] = 1.0
+    return q * s[None, :]
+
+
+@functools.lru_cache(maxsize=None)
+def _substitute_cached(k: int) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence([_SUBSTITUTE_SEED_TAG, k]))
+    h = _haar_orthogonal(k, rng) * math.sqrt(k)
+    h.setflags(write=False)
+    return h
+
+
+def substitute_orthogonal(k: int) -> np.ndarray:
+    """Seeded stand-in for an unnormalized Hadamard of order k: sqrt(k) * Q with Q Haar-random
+    orthogonal [k, k] float64 from PCG64 seeded with SeedSequence([0x52455351, k]); so
+    H H^T = k I to float64 precision. Deterministic for a given NumPy/LAPACK (across BLAS
+    builds it may differ in the last ulps)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise HadamardSizeError(f"substitute order must be a positive int, got {k!r}")
+    return _substitute_cached(int(k)).copy()
+
+
+# ----------------------------------------------------------------------------------------
+# Choosing n = K * 2^m
+# ----------------------------------------------------------------------------------------
+
+
+def _odd_part(n: int) -> tuple[int, int]:
+    a = (n & -n).bit_length() - 1
+    return n >> a, a
+
+
+def _choose_k(n: int) -> tuple[int, int, bool] | None:
+    """(K, m, is_true_hadamard) for n > 0, or None if no K <= MAX_K works."""
+    odd, a = _odd_part(n)
+    if odd == 1:
+        return 1, a, True
+    for j in range(2, a + 1):
+        k = odd << j
+        if k > MAX_K:
+            break
+        if has_hadamard(k):
+            return k, a - j, True
+    if odd <= MAX_K:
+        return odd, a, False
+    return None
+
+
+def _nearby_supported(n: int, count: int = 3) -> tuple[list[int], list[int]]:
+    """Up to `count` supported sizes below and above n (true Hadamard or substitute)."""
+    below, above = [], []
+    x = n - 1
+    while x >= 1 and len(below) < count:
+        if _choose_k(x) is not None:
+            below.append(x)
+        x -= 1
+    x = max(n + 1, 1)
+    while len(above) < count:
+        if _choose_k(x) is not None:
+            above.append(x)
+        x += 1
+    return below[::-1], above
+
+
+def _check_size(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise HadamardSizeError(f"Hadamard size must be a positive int, got {n!r} ({type(n).__name__})")
+    n = int(n)
+    if n <= 0:
+        raise HadamardSizeError(
+            f"Hadamard size must be a positive int, got {n}: n must be K*2^m with K a Hadamard "
+            f"order (1, 2, 12, 20, 28, 36, ...) or an odd K <= {MAX_K} (seeded orthogonal substitute)"
+        )
+    if _choose_k(n) is None:
+        odd, a = _odd_part(n)
+        below, above = _nearby_supported(n)
+        true_ks = [k for k in range(12, MAX_K + 1, 4) if k & (k - 1) and has_hadamard(k)]
+        raise HadamardSizeError(
+            f"no Hadamard transform of size {n} = {odd}*2^{a}: n must be K*2^m with K <= {MAX_K}, "
+            f"either 1 or a Hadamard order we construct (one of {true_ks[:12]}... up to {true_ks[-1]}) "
+            f"or an odd K (seeded orthogonal substitute); here the odd part {odd} > {MAX_K} and no "
+            f"{odd}*2^j <= {MAX_K} has a construction. Nearby sizes that work: {below + above}"
+        )
+    return n
+
+
+def hadamard_factor(n: int) -> tuple[int, np.ndarray, int]:
+    """Split n = K * 2^m and return (K, H_K, m).
+
+    H_K: float64 [K, K], unnormalized, H_K @ H_K.T == K * I (exactly ±1 entries for a true
+    Hadamard; a seeded orthogonal * sqrt(K) substitute otherwise, see module docstring for
+    the rule). For n a power of two, K = 1 and H_K = [[1.]]. Stable contract: native kernels
+    call this to get H_K. Raises HadamardSizeError for n <= 0 or sizes no K <= MAX_K covers.
+    """
+    n = _check_size(n)
+    k, m, true_h = _choose_k(n)
+    h = _hadamard_k_cached(k).astype(np.float64) if true_h else _substitute_cached(k).copy()
+    return k, h, m
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    """Normalized orthogonal Hadamard-like matrix [n, n] float64:
+    np.kron(H_K, H_{2^m}) / sqrt(n) (K index slowest). Dense: n^2 * 8 bytes (use
+    :func:`hadamard_transform` / :func:`hadamard_transform_np` for large n)."""
+    k, hk, m = hadamard_factor(n)
+    return np.kron(hk, _sylvester_cached(1 << m).astype(np.float64)) / math.sqrt(n)
+
+
+# ----------------------------------------------------------------------------------------
+# Fast transforms
+# ----------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def _fwht_last(x: jax.Array) -> jax.Array:
+    """Unnormalized Sylvester transform on the last (power-of-two) axis: log2(n) butterflies."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        y = x.reshape(lead + (n // (2 * h), 2, h))
+        a = y[..., 0, :]
+        b = y[..., 1, :]
+        x = jnp.stack([a + b, a - b], axis=-2).reshape(lead + (n,))
+        h *= 2
+    return x
+
+
+def fwht(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Unnormalized fast Walsh-Hadamard transform (Sylvester, natural order) along `axis`,
+    whose length must be a power of two: y = x @ sylvester(n) (symmetric). O(n log n) with
+    reshape/add/sub stages, no matmul. Computes in float32 (float64 for float64 input) and
+    returns the input's floating dtype (float32 for integer input)."""
+    x = jnp.asarray(x)
+    n = x.shape[axis]
+    if n < 1 or n & (n - 1):
+        raise HadamardSizeError(f"fwht needs a power-of-two axis length, got {n} (axis {axis} of shape {x.shape})")
+    cdt = _compute_dtype(x.dtype)
+    out_dt = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else cdt
+    y = jnp.moveaxis(x.astype(cdt), axis, -1)
+    y = _fwht_last(y)
+    return jnp.moveaxis(y, -1, axis).astype(out_dt)
+
+
+def hadamard_transform(x: jax.Array, n: int | None = None, transpose: bool = False) -> jax.Array:
+    """Normalized Hadamard transform along the last axis.
+
+    x: [..., n]. Returns y: [..., n] with
+      transpose=False: y = x @ hadamard_matrix(n).T   (y_i = sum_j H[i, j] x_j, i.e. H x)
+      transpose=True:  y = x @ hadamard_matrix(n)     (H^T x, the inverse)
+    Steps (the numerics native kernels must match): K, H_K, m = hadamard_factor(n);
+    z = fwht(x.reshape(..., K, 2^m)) in the compute dtype (float32, or float64 for float64
+    input); y[..., k, :] = sum_j H_K[k, j] z[..., j, :] (H_K^T if transpose), H_K cast to the
+    compute dtype, precision HIGHEST; y *= 1/sqrt(n); cast back to x.dtype.
+    Works under jit / vmap / grad (n is static: taken from the shape).
+    """
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise HadamardSizeError("hadamard_transform needs at least one axis (x: [..., n])")
+    if n is None:
+        n = x.shape[-1]
+    elif n != x.shape[-1]:
+        raise HadamardSizeError(f"n={n} does not match the last axis of x (shape {x.shape}); pass n=None")
+    k, hk, m = hadamard_factor(n)
+    cdt = _compute_dtype(x.dtype)
+    out_dt = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else cdt
+    lead = x.shape[:-1]
+    z = _fwht_last(x.astype(cdt).reshape(lead + (k, 1 << m)))
+    if k > 1:
+        hmat = jnp.asarray(hk.T if transpose else hk, dtype=cdt)
+        z = jnp.einsum("kj,...jm->...km", hmat, z, precision=jax.lax.Precision.HIGHEST)
+    y = z.reshape(lead + (n,)) * jnp.asarray(1.0 / math.sqrt(n), dtype=cdt)
+    return y.astype(out_dt)
+
+
+def hadamard_transform_np(x: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """NumPy float64 twin of :func:`hadamard_transform` on the last axis (for weight fusion in
+    float64 without building the dense n x n matrix): x: [..., n] -> [..., n] float64."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[-1]
+    k, hk, m = hadamard_factor(n)
+    lead = x.shape[:-1]
+    big = 1 << m
+    z = x.reshape(lead + (k, big)).copy()
+    h = 1
+    while h < big:
+        y = z.reshape(lead + (k, big // (2 * h), 2, h))
+        a = y[..., 0, :].copy()
+        b = y[..., 1, :]
+        y[..., 0, :] += b
+        y[..., 1, :] = a - b
+        h *= 2
+    if k > 1:
+        z = np.einsum("kj,...jm->...km", hk.T if transpose else hk, z)
+    return z.reshape(lead + (n,)) / math.sqrt(n)
+
+
+# ----------------------------------------------------------------------------------------
+# Random orthogonal rotations and PCA helpers (float64, NumPy)
+# ----------------------------------------------------------------------------------------
+
+
+def _check_dim(name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    return int(n)
+
+
+def random_orthogonal(n: int, seed: int | Sequence[int]) -> np.ndarray:
+    """Haar-random orthogonal matrix [n, n] float64: QR of a standard Gaussian (PCG64 via
+    np.random.default_rng(seed)), columns multiplied by sign(diag(R)). Deterministic per seed."""
+    n = _check_dim("n", n)
+    return _haar_orthogonal(n, np.random.default_rng(seed))
+
+
+def _derived_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    state = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64)
+    return [int(s) for s in state]
+
+
+def block_diag_rotation(n: int, r: int, seed: int | Sequence[int]) -> np.ndarray:
+    """blockdiag(R_low [n-r, n-r], R_high [r, r]) float64 [n, n], both Haar-random with
+    independent seeds derived from `seed` (SeedSequence(seed).generate_state(2)). Rotates
+    inside the low-variance (first n-r) and high-variance (last r) subspaces separately."""
+    n = _check_dim("n", n)
+    r = _check_dim("r", r)
+    if r > n:
+        raise ValueError(f"high-subspace size r={r} must be <= n={n}")
+    s_low, s_high = _derived_seeds(seed, 2)
+    out = np.zeros((n, n), dtype=np.float64)
+    out[: n - r, : n - r] = random_orthogonal(n - r, s_low)
+    out[n - r :, n - r :] = random_orthogonal(r, s_high)
+    return out
+
+
+def damped_eigh(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Eigendecomposition of a damped second-moment matrix, float64.
+
+    h: [d, d]. Symmetrizes (h + h^T)/2, adds damp * mean(diag) * I, returns
+    (eigvals [d] ascending, eigvecs [d, d] columns) so the LAST r columns span the
+    high-variance subspace and eigvecs @ diag(eigvals) @ eigvecs.T == the damped matrix.
+    """
+    h = np.asarray(h, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"damped_eigh needs a square [d, d] matrix, got shape {h.shape}")
+    if not np.all(np.isfinite(h)):
+        raise ValueError("damped_eigh: matrix has NaN/inf entries (check the calibration statistics)")
+    if not (isinstance(damp, (int, float, np.floating)) and damp >= 0 and math.isfinite(damp)):
+        raise ValueError(f"damp must be a finite float >= 0, got {damp!r}")
+    sym = 0.5 * (h + h.T)
+    d = sym.shape[0]
+    if d:
+        sym = sym + float(damp) * float(np.mean(np.diag(sym))) * np.eye(d)
+    w, v = np.linalg.eigh(sym)
+    return w, v
+
+
+def high_rank(d: int, fraction: float) -> int:
+    """Size of the high-precision subspace: int(fraction * d), fraction in [0, 1)."""
+    d = _check_dim("d", d)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)):
+        raise ValueError(f"fraction must be a float in [0, 1), got {fraction!r}")
+    if not (0.0 <= float(fraction) < 1.0):
+        raise ValueError(f"fraction must be in [0, 1) (e.g. 0.125 for 1/8 of channels), got {fraction}")
+    return int(float(fraction) * d)
+
+
+def randomized_hadamard(n: int, seed: int | Sequence[int]) -> np.ndarray:
+    """QuaRot's randomized Hadamard: hadamard_matrix(n) @ diag(s), s random ±1 from
+    np.random.default_rng(seed); float64 [n, n], orthogonal."""
+    h = hadamard_matrix(n)
+    s = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=n)
+    return h * s[None, :]
