@@ -4,13 +4,13 @@ The first run downloads the gensim wheel (about 28 MB from PyPI) and caches the 
 """
 from __future__ import annotations
 
-import io
+import bz2
+import dataclasses
 import logging
 import re
 import sys
 import types
 import zipfile
-import bz2
 
 import numpy as np
 import pytest
@@ -246,13 +246,8 @@ def test_text_file_name_and_content(tmp_path):
     source = data.load_text(str(path))
     assert source == data.TextSource("my_corpus.v2", "Hello wörld.\n")
     assert data.load_text(path).name == "my_corpus.v2"
-    with pytest.raises(dataclasses_frozen_error()):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         source.name = "other"
-
-
-def dataclasses_frozen_error():
-    import dataclasses
-    return dataclasses.FrozenInstanceError
 
 
 def test_missing_empty_and_bad_files(tmp_path):
