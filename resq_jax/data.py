@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import math
 import operator
 import os
 import re
