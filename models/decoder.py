@@ -1,0 +1,252 @@
+"""One Flax NNX decoder for Llama (2, 3, 3.2, SmolLM2) and Qwen2/Qwen2.5.
+
+The families differ only by configuration (q/k/v biases, RoPE scaling, epsilon, tied
+embeddings). Each layer exposes named *sites* where calibration captures activations and
+where quantized runtimes insert quantizers (through a ``SiteHooks`` object):
+
+  attn_in  [B, T, d]          input of q/k/v (RMSNorm output)
+  q_rope   [B, T, H, hd]      q after RoPE, before the online key rotation
+  k_rope   [B, T, KV, hd]     k after RoPE, before the online key rotation
+  q        [B, T, H, hd]      q as it enters q.k (after the key rotation, if any)
+  k        [B, T, KV, hd]     k as it enters q.k / the cache (after the key rotation)
+  v        [B, T, KV, hd]     v_proj output per KV head (what the cache holds)
+  o_in     [B, T, H, hd]      o_proj input (attention output per head)
+  mlp_in   [B, T, d]          input of up/gate
+  down_in  [B, T, ffn]        down_proj input (after the online Hadamard, if any)
+
+Online transforms are part of the model's state: ``key_rotation`` ([hd, hd], applied to q
+and k of every head after RoPE: q.k is unchanged for an orthogonal matrix) and
+``down_hadamard`` (static size: the down_proj input is multiplied by the normalized
+Hadamard of that size). With identity hooks and no transforms this is a plain float model.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig
+from models.rope import apply_rope, inverse_frequencies, rope_tables
+
+SITES = ("attn_in", "q_rope", "k_rope", "q", "k", "v", "o_in", "mlp_in", "down_in")
+
+
+class SiteHooks:
+    """Identity hooks: a float model. Subclasses quantize (fake or packed) at sites.
+
+    Hooks must be hashable (they are static arguments of jitted functions) and must not
+    depend on the layer index, so one compiled layer serves every layer.
+    """
+
+    def __call__(self, site: str, x: jnp.ndarray) -> jnp.ndarray:
+        return x
+
+    def __hash__(self):
+        return hash(type(self))
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+
+IDENTITY = SiteHooks()
+
+
+class Online(nnx.Variable):
+    """An online transform matrix held by the model (not a trainable weight)."""
+
+
+def _param(a) -> nnx.Param:
+    return nnx.Param(jnp.asarray(a))
+
+
+class Linear(nnx.Module):
+    """y = x @ w + b with w: [d_in, d_out]."""
+
+    def __init__(self, w, b=None):
+        self.w = _param(w)
+        self.b = nnx.data(None if b is None else _param(b))
+
+    def __call__(self, x):
+        y = jnp.einsum("...i,io->...o", x, self.w[...].astype(x.dtype))
+        if self.b is not None:
+            y = y + self.b[...].astype(x.dtype)
+        return y
+
+
+def rms_norm(x: jnp.ndarray, gain: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """x: [..., d] normalized in float32 then scaled by gain: [d] (transformers' order)."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    return (gain.astype(jnp.float32) * (x32 * jax.lax.rsqrt(var + eps))).astype(x.dtype)
+
+
+def causal_attention(q, k, v, q_positions, kv_len: int | None = None):
+    """Grouped-query causal attention in float32.
+
+    q: [B, T, H, hd]; k, v: [B, S, KV, hd]; q_positions: [T] absolute positions of the
+    queries (cache slot s holds position s). Returns [B, T, H, hd].
+    """
+    b, t, h, hd = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, hd).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) / np.sqrt(hd).astype(np.float32)
+    mask = jnp.arange(s)[None, :] <= q_positions[:, None]  # [T, S]
+    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h, hd).astype(q.dtype)
+
+
+def online_hadamard(x: jnp.ndarray, n: int) -> jnp.ndarray:
+    """x: [..., n] -> x @ H^T with H the normalized size-n Hadamard (native kernel when built)."""
+    try:
+        from resq_jax.kernels.hadamard import hadamard
+    except ImportError:  # kernels not built into this checkout: the jnp reference
+        from resq_jax.projections import hadamard_transform as hadamard
+    return hadamard(x, n)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, weights: Mapping[str, Any], i: int):
+        p = f"layers.{i}."
+        get = lambda n: weights.get(p + n)  # noqa: E731
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_eps
+        self.attn_norm = _param(weights[p + "attn_norm"])
+        self.q = Linear(weights[p + "q"], get("q_bias"))
+        self.k = Linear(weights[p + "k"], get("k_bias"))
+        self.v = Linear(weights[p + "v"], get("v_bias"))
+        self.o = Linear(weights[p + "o"], get("o_bias"))
+        self.mlp_norm = _param(weights[p + "mlp_norm"])
+        self.gate = Linear(weights[p + "gate"])
+        self.up = Linear(weights[p + "up"])
+        self.down = Linear(weights[p + "down"], get("down_bias"))
+        rot = get("key_rotation")
+        self.key_rotation = nnx.data(None if rot is None else Online(jnp.asarray(rot)))
+        self.down_hadamard = int(weights.get(p + "down_hadamard", 0) or 0)
+
+    def __call__(self, x, cos, sin, positions, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None,
+                 capture: tuple[str, ...] = ()):
+        """x: [B, T, d] -> (x: [B, T, d], captured sites dict, updated cache or None)."""
+        sites: dict[str, jnp.ndarray] = {}
+
+        def site(name, value):
+            if name in capture:
+                sites[name] = value
+            return hooks(name, value)
+
+        b, t, _ = x.shape
+        hd = self.head_dim
+        h = site("attn_in", rms_norm(x, self.attn_norm[...], self.eps))
+        q = self.q(h).reshape(b, t, self.num_heads, hd)
+        k = self.k(h).reshape(b, t, self.num_kv_heads, hd)
+        v = site("v", self.v(h).reshape(b, t, self.num_kv_heads, hd))
+        q = site("q_rope", apply_rope(q, cos, sin))
+        k = site("k_rope", apply_rope(k, cos, sin))
+        if self.key_rotation is not None:
+            rot = self.key_rotation[...].astype(q.dtype)
+            q = jnp.einsum("bthd,de->bthe", q, rot)
+            k = jnp.einsum("bthd,de->bthe", k, rot)
+        q = site("q", q)
+        k = site("k", k)
+        new_cache = None
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k_all, "v": v_all}
+        else:
+            k_all, v_all = k, v
+        a = site("o_in", causal_attention(q, k_all, v_all, positions))
+        x = x + self.o(a.reshape(b, t, self.num_heads * hd))
+        h = site("mlp_in", rms_norm(x, self.mlp_norm[...], self.eps))
+        g = jax.nn.silu(self.gate(h)) * self.up(h)
+        if self.down_hadamard:
+            g = online_hadamard(g, self.down_hadamard)  # U_D, fused into down's weights
+        g = site("down_in", g)
+        x = x + self.down(g)
+        return x, sites, new_cache
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM: embeddings, layers, final RMSNorm, lm_head (tied or separate)."""
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, Any]):
+        self.config = config
+        self.embed = _param(weights["embed"])
+        self.layers = nnx.List([DecoderLayer(config, weights, i) for i in range(config.num_layers)])
+        self.norm = _param(weights["norm"])
+        head = weights.get("lm_head")
+        if head is None and not config.tie_word_embeddings:
+            raise ValueError("weights have no 'lm_head' but the config says embeddings are not tied")
+        self.lm_head = nnx.data(None if head is None else _param(head))
+        self.inv_freq = jnp.asarray(inverse_frequencies(config))
+
+    def embed_tokens(self, tokens):
+        """tokens: [B, T] int -> [B, T, d]."""
+        return jnp.take(self.embed[...], tokens, axis=0)
+
+    def head(self, x):
+        """x: [B, T, d] (last layer output) -> logits [B, T, vocab] float32."""
+        h = rms_norm(x, self.norm[...], self.config.rms_eps).astype(jnp.float32)
+        if self.lm_head is None:
+            return jnp.einsum("btd,vd->btv", h, self.embed[...].astype(jnp.float32))
+        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(jnp.float32))
+
+    def rope(self, positions):
+        return rope_tables(self.inv_freq, positions)
+
+    def __call__(self, tokens, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None):
+        """tokens: [B, T] -> (logits [B, T, vocab], new cache or None).
+
+        With ``cache`` (a list of per-layer {"k", "v"}: [B, S, KV, hd]) the tokens sit at
+        positions cache_index .. cache_index+T-1.
+        """
+        t = tokens.shape[1]
+        start = 0 if cache_index is None else cache_index
+        positions = start + jnp.arange(t)
+        cos, sin = self.rope(positions)
+        x = self.embed_tokens(tokens)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, _, c = layer(x, cos, sin, positions, hooks, None if cache is None else cache[i], cache_index)
+            if cache is not None:
+                new_cache.append(c)
+        return self.head(x), new_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> list[dict[str, jnp.ndarray]]:
+    """Empty KV cache: per layer {"k", "v"}: [batch, max_len, kv_heads, head_dim]."""
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)]
+
+
+def from_weights(config: ModelConfig, weights: Mapping[str, Any]) -> Decoder:
+    """Build the decoder from a weights dict (naming contract in models/config.py)."""
+    return Decoder(config, weights)
+
+
+def to_weights(model: Decoder) -> dict[str, np.ndarray]:
+    """Inverse of ``from_weights``: the model's weights as a flat dict of NumPy arrays."""
+    out: dict[str, np.ndarray] = {"embed": np.asarray(model.embed[...]), "norm": np.asarray(model.norm[...])}
+    if model.lm_head is not None:
+        out["lm_head"] = np.asarray(model.lm_head[...])
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}."
+        out[p + "attn_norm"] = np.asarray(layer.attn_norm[...])
+        out[p + "mlp_norm"] = np.asarray(layer.mlp_norm[...])
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            lin = getattr(layer, name)
+            out[p + name] = np.asarray(lin.w[...])
+            if lin.b is not None:
+                out[p + name + "_bias"] = np.asarray(lin.b[...])
+        if layer.key_rotation is not None:
+            out[p + "key_rotation"] = np.asarray(layer.key_rotation[...])
+        if layer.down_hadamard:
+            out[p + "down_hadamard"] = layer.down_hadamard
+    return out

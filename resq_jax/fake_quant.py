@@ -1,0 +1,136 @@
+"""Fake quantization of a decoder: activation/KV quantizers at the sites, weights quantized
+then dequantized in place (REFERENCE.md section 3).
+
+Layouts (the high-precision channels always sit at the end of their group, which is where
+the ResQ projections put the high-variance subspace):
+  attn_in, mlp_in  per token: first d - r channels a_bits, last r high_bits
+  o_in             per (token, head): first hd - r_h channels a_bits, last r_h high_bits
+  k, v (the cache) per (token, head): first hd - r_h kv_bits, last r_h high_bits
+  q_rope, k_rope   per (token, head) qk_bits (ResQ's int8 model of the online key rotation)
+  down_in          per token, uniform down_bits
+Bits >= 16 switch a quantizer off. Embeddings, lm_head, Q, softmax and P.V stay in float.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.decoder import SiteHooks
+from resq_jax.quantizers import fake_quant_asym, fake_quant_mixed, fake_quant_sym_tensor, fake_quant_weight
+
+OFF = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    """Static activation/KV quantization settings of every layer."""
+
+    a_bits: int = OFF
+    kv_bits: int = OFF
+    down_bits: int = OFF
+    high_bits: int = 8
+    high_residual: int = 0  # r: high channels of attn_in / mlp_in
+    high_head: int = 0  # r_h: high channels per head of o_in, k, v
+    qk_bits: int = OFF  # q/k before the online key rotation
+
+    @property
+    def active(self) -> bool:
+        return min(self.a_bits, self.kv_bits, self.down_bits, self.qk_bits) < OFF
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeQuantHooks(SiteHooks):
+    spec: ActivationSpec
+
+    def __call__(self, site: str, x: jnp.ndarray) -> jnp.ndarray:
+        s = self.spec
+        if site in ("attn_in", "mlp_in"):
+            return _mixed(x, s.a_bits, s.high_bits, s.high_residual)
+        if site == "o_in":
+            return _mixed(x, s.a_bits, s.high_bits, s.high_head)
+        if site in ("k", "v"):
+            return _mixed(x, s.kv_bits, s.high_bits, s.high_head)
+        if site in ("q_rope", "k_rope"):
+            return x if s.qk_bits >= OFF else fake_quant_asym(x, s.qk_bits)
+        if site == "down_in":
+            return _mixed(x, s.down_bits, OFF, 0)
+        return x
+
+
+def _mixed(x, low_bits: int, high_bits: int, high: int):
+    """A site whose (low) bits are off is not quantized at all: its high channels included."""
+    if low_bits >= OFF:
+        return x
+    return fake_quant_mixed(x, low_bits, high_bits, high)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """Static weight quantization settings: symmetric per output channel."""
+
+    w_bits: int = OFF
+    high_bits: int = 8
+    high_residual: int = 0  # last r input rows of q/k/v/gate/up in high_bits
+    high_head: int = 0  # last r_h input rows of every head's block of o_proj in high_bits
+    clip_search: bool = False
+
+
+def head_high_last_permutation(num_heads: int, head_dim: int, high_head: int) -> np.ndarray:
+    """Row order of o_proj's input [H*hd] putting every head's last ``high_head`` rows at the end."""
+    idx = np.arange(num_heads * head_dim).reshape(num_heads, head_dim)
+    return np.concatenate([idx[:, : head_dim - high_head].ravel(), idx[:, head_dim - high_head:].ravel()])
+
+
+def linear_high_rows(config: ModelConfig, name: str, spec: WeightSpec) -> tuple[np.ndarray | None, int]:
+    """(row permutation or None, number of high rows at the end after permuting) for a linear."""
+    if name in ("q", "k", "v", "gate", "up"):
+        return None, spec.high_residual
+    if name == "o":
+        if spec.high_head == 0:
+            return None, 0
+        return head_high_last_permutation(config.num_heads, config.head_dim, spec.high_head), \
+            config.num_heads * spec.high_head
+    return None, 0  # down: uniform
+
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def quantize_weight_rtn(w: np.ndarray, perm: np.ndarray | None, high_rows: int, spec: WeightSpec) -> np.ndarray:
+    """Round-to-nearest fake quantization of w: [d_in, d_out] with the high rows last after ``perm``."""
+    wp = w if perm is None else w[perm]
+    q = np.asarray(fake_quant_weight(jnp.asarray(wp, jnp.float32), spec.w_bits, spec.high_bits, high_rows,
+                                     spec.clip_search))
+    if perm is None:
+        return q
+    out = np.empty_like(q)
+    out[perm] = q
+    return out
+
+
+def fake_quantize_weights_rtn(config: ModelConfig, weights: Mapping[str, np.ndarray],
+                              spec: WeightSpec) -> dict[str, np.ndarray]:
+    """Every decoder linear fake-quantized with RTN (embeddings and lm_head untouched)."""
+    out = dict(weights)
+    if spec.w_bits >= OFF:
+        return out
+    for i in range(config.num_layers):
+        for name in LINEARS:
+            key = f"layers.{i}.{name}"
+            perm, high = linear_high_rows(config, name, spec)
+            out[key] = quantize_weight_rtn(np.asarray(weights[key], np.float32), perm, high, spec)
+    return out
+
+
+def fake_quantize_key_rotation(weights: Mapping[str, np.ndarray], num_layers: int, bits: int = 8):
+    """ResQ models the online key rotation as an int8 matrix (symmetric, per tensor)."""
+    out = dict(weights)
+    for i in range(num_layers):
+        key = f"layers.{i}.key_rotation"
+        if key in out:
+            out[key] = np.asarray(fake_quant_sym_tensor(jnp.asarray(out[key], jnp.float32), bits))
+    return out

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Evaluate a model's perplexity (jitted, float32) and optionally continue a prompt greedily.
+
+Examples:
+  python scripts/evaluate.py                                  # SmolLM2 on the built-in eval text
+  python scripts/evaluate.py --model Qwen/Qwen2.5-0.5B --eval-text wikitext2 --eval-seq-len 2048
+  python scripts/evaluate.py --prompt "The capital of France is"
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from resq_jax import cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="a folder written by scripts/quantize.py --out: evaluate that quantized model")
+    cli.add_eval_args(p)
+    p.add_argument("--prompt", default=None, help="greedily continue this prompt and print the text")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate for --prompt")
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. only generate)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except cli.UserError as e:
+        cli.fail(e)
+
+
+def run(args) -> int:
+    cli.check_positive(args, "eval_windows", "eval_seq_len", "batch_size", "max_new_tokens")
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    from models.decoder import IDENTITY, from_weights
+
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        from resq_jax.checkpoint import load_fake_quant
+
+        try:
+            ckpt = load_fake_quant(args.checkpoint)
+        except (ValueError, FileNotFoundError) as e:
+            raise cli.UserError(str(e)) from None
+        config, weights, hooks, tokenizer = ckpt.config, ckpt.weights, ckpt.hooks, ckpt.tokenizer
+        source, method, qconfig = ckpt.source, ckpt.qconfig["method"], ckpt.qconfig
+    else:
+        loaded = cli.load(args.model)
+        config, weights, hooks, tokenizer = loaded.config, loaded.weights, IDENTITY, loaded.tokenizer
+        source, method, qconfig = loaded.source, "none", {}
+    if tokenizer is None:
+        raise cli.UserError("the model has no tokenizer files; add them to its folder")
+    log(f"loaded {source} in {time.perf_counter() - t0:.1f}s")
+    evals = {} if args.no_ppl else cli.eval_sets(tokenizer, args.eval_text, args.eval_windows, args.eval_seq_len)
+    model = from_weights(config, weights)
+
+    if args.prompt is not None:
+        from resq_jax.evaluation import generate_greedy
+
+        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+        new = generate_greedy(model, ids, args.max_new_tokens, hooks=hooks, eos_token_id=config.eos_token_id)
+        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+
+    if evals:
+        from resq_jax.evaluation import perplexity
+
+        ppl, secs = {}, 0.0
+        for name, windows in evals.items():
+            res = perplexity(model, windows, batch_size=args.batch_size, hooks=hooks,
+                             progress=False if args.quiet else f"eval {name}")
+            ppl[name] = res.ppl
+            secs += res.seconds
+            log(f"{name}: ppl {res.ppl:.4f} over {windows.shape[0]} x {windows.shape[1]} tokens "
+                f"({res.tokens_per_second:.0f} tok/s)")
+        run = {"method": method, "config": qconfig, "ppl": ppl,
+               "seconds": {"calibrate": 0.0, "quantize": 0.0, "evaluate": secs}}
+        print(cli.format_table(source, [run]) if method != "none" else
+              "\n".join([f"model: {source}"] + [f"ppl {k}: {v:.4f}" for k, v in ppl.items()]))
+        if args.json:
+            cli.write_json_atomic(args.json, {"model": source, "runs": [run],
+                                              "eval": {"windows": args.eval_windows, "seq_len": args.eval_seq_len}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Quantize a Llama/Qwen2 model and print a perplexity table.
+
+With no arguments: SmolLM2-135M-Instruct (the embedded default), ResQ W4A4KV4 with the float,
+RTN and QuaRot baselines, calibrated on 64 x 512 tokens of the built-in calibration text and
+evaluated on 40 x 512 tokens of the built-in evaluation text.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from resq_jax import cli  # noqa: E402
+
+DEFAULT_METHODS = ("none", "rtn", "quarot", "resq")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from resq_jax.data import BUILTIN_TEXTS, DEFAULT_CALIB_TEXT
+    from resq_jax.methods import METHODS, WEIGHT_QUANTIZERS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    p.add_argument("--method", action="append", default=None,
+                   help=f"recipe to run, repeatable or comma-separated: {', '.join(METHODS)} "
+                        f"(default: {','.join(DEFAULT_METHODS)}; the float model 'none' is always included)")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits (2..8, 16 = off; default %(default)s)")
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits (2..8, 16 = off; default %(default)s)")
+    p.add_argument("--kv-bits", type=int, default=4, help="KV cache bits (2..8, 16 = off; default %(default)s)")
+    p.add_argument("--high-bits", type=int, default=8,
+                   help="bits of the high-precision channels (default %(default)s)")
+    p.add_argument("--high-fraction", type=float, default=None,
+                   help="fraction of channels kept at --high-bits, in [0, 1) (default: the method's: "
+                        "resq 0.125, others 0)")
+    p.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default="rtn",
+                   help="weight quantizer (default %(default)s)")
+    p.add_argument("--clip-search", action="store_true", help="MSE clip search for weight scales")
+    p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
+                   help=f"calibration text: a UTF-8 file or a built-in name ({', '.join(BUILTIN_TEXTS)}); "
+                        "default %(default)s")
+    p.add_argument("--calib-windows", type=int, default=64, help="random calibration windows (default %(default)s)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default %(default)s)")
+    cli.add_eval_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration windows and random rotations")
+    p.add_argument("--out", default=None,
+                   help="save the last quantized model (weights, projections, config) to this folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
+    return p.parse_args(argv)
+
+
+def method_list(args) -> list[str]:
+    names = [m.strip() for spec in (args.method or [",".join(DEFAULT_METHODS)]) for m in spec.split(",") if m.strip()]
+    return ["none"] + [m for m in dict.fromkeys(names) if m != "none"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except cli.UserError as e:
+        cli.fail(e)
+
+
+def run(args) -> int:
+    from resq_jax.methods import QuantConfig, QuantConfigError
+
+    # --- every check before any work -------------------------------------------------------
+    cli.check_positive(args, "calib_windows", "calib_seq_len", "eval_windows", "eval_seq_len", "batch_size")
+    try:
+        configs = [QuantConfig(method=m, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
+                               high_bits=args.high_bits, high_fraction=args.high_fraction,
+                               weight_quantizer=args.weight_quantizer, clip_search=args.clip_search,
+                               seed=args.seed) for m in method_list(args)]
+    except QuantConfigError as e:
+        raise cli.UserError(str(e)) from None
+    if args.out and os.path.exists(args.out) and not args.force:
+        raise cli.UserError(f"--out {args.out} already exists; pass --force to overwrite it or choose another folder")
+    from resq_jax.methods import check_hadamard_sizes
+
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    loaded = cli.load(args.model)
+    if loaded.tokenizer is None:
+        raise cli.UserError(f"model {args.model} has no tokenizer files; add them to the folder")
+    for qc in configs:
+        try:
+            check_hadamard_sizes(loaded.config, qc.recipe)
+        except ValueError as e:
+            raise cli.UserError(f"{qc.method}: {e}") from None
+    log(f"loaded {loaded.source} ({loaded.config.arch}, {loaded.config.num_layers} layers) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    evals = cli.eval_sets(loaded.tokenizer, args.eval_text, args.eval_windows, args.eval_seq_len)
+    calib = None
+    if any(qc.recipe.needs_calibration for qc in configs):
+        calib = calib_windows(args, loaded.tokenizer)
+
+    # --- the work --------------------------------------------------------------------------
+    from models.decoder import from_weights
+    from resq_jax.evaluation import perplexity
+    from resq_jax.methods import quantize_model
+
+    runs = []
+    stats_cache: dict = {}
+    last = None
+    for qc in configs:
+        qm = quantize_model(loaded.config, loaded.weights, qc, calib, stats=stats_cache.get(qc.recipe.fold_norms),
+                            progress=not args.quiet, log=log)
+        if qm.stats is not None:
+            stats_cache[qc.recipe.fold_norms] = qm.stats
+        model = from_weights(qm.config, qm.weights)
+        ppl, secs = {}, 0.0
+        for name, windows in evals.items():
+            res = perplexity(model, windows, batch_size=args.batch_size, hooks=qm.hooks,
+                             progress=False if args.quiet else f"eval {qc.method} {name}")
+            ppl[name] = res.ppl
+            secs += res.seconds
+            log(f"{qc.method} {name}: ppl {res.ppl:.3f} ({res.tokens_per_second:.0f} tok/s)")
+        runs.append({"method": qc.method, "config": qc.to_dict(), "ppl": ppl,
+                     "seconds": {"calibrate": qm.seconds["calibrate"],
+                                 "quantize": sum(v for k, v in qm.seconds.items() if k != "calibrate"),
+                                 "evaluate": secs}})
+        last = qm
+    print(cli.format_table(loaded.source, runs))
+    if args.json:
+        cli.write_json_atomic(args.json, {"model": loaded.source, "runs": runs,
+                                          "calib": {"text": args.calib_text, "windows": args.calib_windows,
+                                                    "seq_len": args.calib_seq_len, "seed": args.seed},
+                                          "eval": {"windows": args.eval_windows, "seq_len": args.eval_seq_len}})
+    if args.out:
+        from resq_jax.checkpoint import save_fake_quant
+
+        save_fake_quant(args.out, last, loaded, force=args.force)
+        log(f"saved {last.qconfig.method} to {args.out}")
+    return 0
+
+
+def calib_windows(args, tokenizer):
+    from resq_jax.data import calib_windows as sample, load_text, tokenize
+
+    try:
+        src = load_text(args.calib_text)
+        return sample(tokenize(src.text, tokenizer), args.calib_windows, args.calib_seq_len, args.seed)
+    except ValueError as e:
+        raise cli.UserError(f"--calib-text {args.calib_text}: {e}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
