@@ -571,6 +571,7 @@ def _fwht_last(x: jax.Array) -> jax.Array:
     return x
 
 
+@functools.partial(jax.jit, static_argnames=("axis",))
 def fwht(x: jax.Array, axis: int = -1) -> jax.Array:
     """Unnormalized fast Walsh-Hadamard transform (Sylvester, natural order) along `axis`,
     whose length must be a power of two: y = x @ sylvester(n) (symmetric). O(n log n) with
@@ -587,6 +588,7 @@ def fwht(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.moveaxis(y, -1, axis).astype(out_dt)
 
 
+@functools.partial(jax.jit, static_argnames=("n", "transpose"))
 def hadamard_transform(x: jax.Array, n: int | None = None, transpose: bool = False) -> jax.Array:
     """Normalized Hadamard transform along the last axis.
 
@@ -597,7 +599,7 @@ def hadamard_transform(x: jax.Array, n: int | None = None, transpose: bool = Fal
     z = fwht(x.reshape(..., K, 2^m)) in the compute dtype (float32, or float64 for float64
     input); y[..., k, :] = sum_j H_K[k, j] z[..., j, :] (H_K^T if transpose), H_K cast to the
     compute dtype, precision HIGHEST; y *= 1/sqrt(n); cast back to x.dtype.
-    Works under jit / vmap / grad (n is static: taken from the shape).
+    Jitted (n, transpose static); works under jit / vmap / grad (n is taken from the shape).
     """
     x = jnp.asarray(x)
     if x.ndim == 0:
