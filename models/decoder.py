@@ -83,22 +83,28 @@ def rms_norm(x: jnp.ndarray, gain: jnp.ndarray, eps: float) -> jnp.ndarray:
     return (gain.astype(jnp.float32) * (x32 * jax.lax.rsqrt(var + eps))).astype(x.dtype)
 
 
-def causal_attention(q, k, v, q_positions, kv_len: int | None = None):
+def causal_attention(q, k, v, q_positions):
     """Grouped-query causal attention in float32.
 
     q: [B, T, H, hd]; k, v: [B, S, KV, hd]; q_positions: [T] absolute positions of the
-    queries (cache slot s holds position s). Returns [B, T, H, hd].
+    queries (cache slot s holds position s, so slots after a query's position are masked).
+    The G query heads sharing a KV head are stacked into one [G*T, hd] operand so each KV
+    head is one large batched matmul. Returns [B, T, H, hd].
     """
     b, t, h, hd = q.shape
     s, kv = k.shape[1], k.shape[2]
     g = h // kv
-    qg = q.reshape(b, t, kv, g, hd).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) / np.sqrt(hd).astype(np.float32)
-    mask = jnp.arange(s)[None, :] <= q_positions[:, None]  # [T, S]
-    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
-    return out.reshape(b, t, h, hd).astype(q.dtype)
+    f32 = jnp.float32
+    qg = q.astype(f32).reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
+    qg = qg * f32(1.0 / np.sqrt(hd))
+    kk = k.astype(f32).transpose(0, 2, 1, 3)  # [B, KV, S, hd]
+    vv = v.astype(f32).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkmd,bksd->bkms", qg, kk)  # [B, KV, G*T, S]
+    mask = jnp.tile(jnp.arange(s)[None, :] <= q_positions[:, None], (g, 1))  # [G*T, S]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.einsum("bkms,bksd->bkmd", probs, vv) / jnp.sum(probs, axis=-1, keepdims=True)
+    return out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
 
 
 def online_hadamard(x: jnp.ndarray, n: int) -> jnp.ndarray:
