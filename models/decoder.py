@@ -13,6 +13,7 @@ where quantized runtimes insert quantizers (through a ``SiteHooks`` object):
   o_in     [B, T, H, hd]      o_proj input (attention output per head)
   mlp_in   [B, T, d]          input of up/gate
   down_in  [B, T, ffn]        down_proj input (after the online Hadamard, if any)
+  lowrank  [B, T, k]          x @ A of a linear with a low-rank (LQER) correction
 
 Online transforms are part of the model's state: ``key_rotation`` ([hd, hd], applied to q
 and k of every head after RoPE: q.k is unchanged for an orthogonal matrix) and
@@ -63,14 +64,24 @@ def _param(a) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-    """y = x @ w + b with w: [d_in, d_out]."""
+    """y = x @ w + b, plus an optional low-rank correction hooks("lowrank", x @ A) @ B (LQER).
 
-    def __init__(self, w, b=None):
+    w: [d_in, d_out]; b: [d_out]; A: [d_in, k]; B: [k, d_out].
+    """
+
+    def __init__(self, w, b=None, lr_a=None, lr_b=None):
         self.w = _param(w)
         self.b = nnx.data(None if b is None else _param(b))
+        self.lr_a = nnx.data(None if lr_a is None else _param(lr_a))
+        self.lr_b = nnx.data(None if lr_b is None else _param(lr_b))
 
-    def __call__(self, x):
+    def __call__(self, x, hooks: "SiteHooks" = None):
         y = jnp.einsum("...i,io->...o", x, self.w[...].astype(x.dtype))
+        if self.lr_a is not None:
+            t = jnp.einsum("...i,ik->...k", x, self.lr_a[...].astype(x.dtype))
+            if hooks is not None:
+                t = hooks("lowrank", t)
+            y = y + jnp.einsum("...k,ko->...o", t, self.lr_b[...].astype(x.dtype))
         if self.b is not None:
             y = y + self.b[...].astype(x.dtype)
         return y
@@ -125,14 +136,14 @@ class DecoderLayer(nnx.Module):
         self.head_dim = config.head_dim
         self.eps = config.rms_eps
         self.attn_norm = _param(weights[p + "attn_norm"])
-        self.q = Linear(weights[p + "q"], get("q_bias"))
-        self.k = Linear(weights[p + "k"], get("k_bias"))
-        self.v = Linear(weights[p + "v"], get("v_bias"))
-        self.o = Linear(weights[p + "o"], get("o_bias"))
+        self.q = Linear(weights[p + "q"], get("q_bias"), get("q_lr_a"), get("q_lr_b"))
+        self.k = Linear(weights[p + "k"], get("k_bias"), get("k_lr_a"), get("k_lr_b"))
+        self.v = Linear(weights[p + "v"], get("v_bias"), get("v_lr_a"), get("v_lr_b"))
+        self.o = Linear(weights[p + "o"], get("o_bias"), get("o_lr_a"), get("o_lr_b"))
         self.mlp_norm = _param(weights[p + "mlp_norm"])
-        self.gate = Linear(weights[p + "gate"])
-        self.up = Linear(weights[p + "up"])
-        self.down = Linear(weights[p + "down"], get("down_bias"))
+        self.gate = Linear(weights[p + "gate"], None, get("gate_lr_a"), get("gate_lr_b"))
+        self.up = Linear(weights[p + "up"], None, get("up_lr_a"), get("up_lr_b"))
+        self.down = Linear(weights[p + "down"], get("down_bias"), get("down_lr_a"), get("down_lr_b"))
         rot = get("key_rotation")
         self.key_rotation = nnx.data(None if rot is None else Online(jnp.asarray(rot)))
         self.down_hadamard = int(weights.get(p + "down_hadamard", 0) or 0)
@@ -150,9 +161,9 @@ class DecoderLayer(nnx.Module):
         b, t, _ = x.shape
         hd = self.head_dim
         h = site("attn_in", rms_norm(x, self.attn_norm[...], self.eps))
-        q = self.q(h).reshape(b, t, self.num_heads, hd)
-        k = self.k(h).reshape(b, t, self.num_kv_heads, hd)
-        v = site("v", self.v(h).reshape(b, t, self.num_kv_heads, hd))
+        q = self.q(h, hooks).reshape(b, t, self.num_heads, hd)
+        k = self.k(h, hooks).reshape(b, t, self.num_kv_heads, hd)
+        v = site("v", self.v(h, hooks).reshape(b, t, self.num_kv_heads, hd))
         q = site("q_rope", apply_rope(q, cos, sin))
         k = site("k_rope", apply_rope(k, cos, sin))
         if self.key_rotation is not None:
@@ -169,13 +180,13 @@ class DecoderLayer(nnx.Module):
         else:
             k_all, v_all = k, v
         a = site("o_in", causal_attention(q, k_all, v_all, positions))
-        x = x + self.o(a.reshape(b, t, self.num_heads * hd))
+        x = x + self.o(a.reshape(b, t, self.num_heads * hd), hooks)
         h = site("mlp_in", rms_norm(x, self.mlp_norm[...], self.eps))
-        g = jax.nn.silu(self.gate(h)) * self.up(h)
+        g = jax.nn.silu(self.gate(h, hooks)) * self.up(h, hooks)
         if self.down_hadamard:
             g = online_hadamard(g, self.down_hadamard)  # U_D, fused into down's weights
         g = site("down_in", g)
-        x = x + self.down(g)
+        x = x + self.down(g, hooks)
         return x, sites, new_cache
 
 
@@ -251,6 +262,9 @@ def to_weights(model: Decoder) -> dict[str, np.ndarray]:
             out[p + name] = np.asarray(lin.w[...])
             if lin.b is not None:
                 out[p + name + "_bias"] = np.asarray(lin.b[...])
+            if lin.lr_a is not None:
+                out[p + name + "_lr_a"] = np.asarray(lin.lr_a[...])
+                out[p + name + "_lr_b"] = np.asarray(lin.lr_b[...])
         if layer.key_rotation is not None:
             out[p + "key_rotation"] = np.asarray(layer.key_rotation[...])
         if layer.down_hadamard:
