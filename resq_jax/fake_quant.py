@@ -112,20 +112,6 @@ def quantize_weight_rtn(w: np.ndarray, perm: np.ndarray | None, high_rows: int, 
     return out
 
 
-def fake_quantize_weights_rtn(config: ModelConfig, weights: Mapping[str, np.ndarray],
-                              spec: WeightSpec) -> dict[str, np.ndarray]:
-    """Every decoder linear fake-quantized with RTN (embeddings and lm_head untouched)."""
-    out = dict(weights)
-    if spec.w_bits >= OFF:
-        return out
-    for i in range(config.num_layers):
-        for name in LINEARS:
-            key = f"layers.{i}.{name}"
-            perm, high = linear_high_rows(config, name, spec)
-            out[key] = quantize_weight_rtn(np.asarray(weights[key], np.float32), perm, high, spec)
-    return out
-
-
 def fake_quantize_key_rotation(weights: Mapping[str, np.ndarray], num_layers: int, bits: int = 8):
     """ResQ models the online key rotation as an int8 matrix (symmetric, per tensor)."""
     out = dict(weights)

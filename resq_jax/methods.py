@@ -2,6 +2,7 @@
 
   none    the float model
   rtn     no rotation; round-to-nearest weights, per-token activations, per-head KV
+  gptq    no rotation; GPTQ weights
   quarot  randomized Hadamard on the residual stream, Hadamard per value head and on q/k
           (online), Hadamard on the down_proj input (online); uniform bits
   resq    PCA bases: U_A (residual, all layers), U_B (values, per layer and KV head), U_C (keys,
@@ -19,8 +20,7 @@ import numpy as np
 from models.config import ModelConfig
 from resq_jax import fusion
 from resq_jax.calibration import CalibrationStats, calibrate
-from resq_jax.fake_quant import (OFF, ActivationSpec, FakeQuantHooks, WeightSpec,
-                                 fake_quantize_key_rotation, fake_quantize_weights_rtn)
+from resq_jax.fake_quant import OFF, ActivationSpec, FakeQuantHooks, WeightSpec, fake_quantize_key_rotation
 from resq_jax.projections import (block_diag_rotation, damped_eigh, hadamard_factor, hadamard_matrix, high_rank,
                                   randomized_hadamard)
 from resq_jax.quantizers import check_bits
@@ -40,6 +40,7 @@ class Recipe:
     default_high_fraction: float
     qk_bits: int  # q/k fake-quant before the online key rotation (ResQ's int8 model)
     quantize: bool = True
+    weight_quantizer: str = "rtn"  # default weight quantizer of the recipe
 
     @property
     def needs_calibration(self) -> bool:
@@ -49,11 +50,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "none": Recipe(False, "none", "none", "none", False, 0.0, OFF, quantize=False),
     "rtn": Recipe(False, "none", "none", "none", False, 0.0, OFF),
+    "gptq": Recipe(False, "none", "none", "none", False, 0.0, OFF, weight_quantizer="gptq"),
     "quarot": Recipe(True, "random_hadamard", "hadamard", "hadamard", True, 0.0, OFF),
     "resq": Recipe(True, "pca", "pca", "pca", True, 0.125, 8),
 }
 METHODS = tuple(RECIPES)
-WEIGHT_QUANTIZERS = ("rtn",)
+WEIGHT_QUANTIZERS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +66,7 @@ class QuantConfig:
     kv_bits: int = 4
     high_bits: int = 8
     high_fraction: float | None = None  # None: the method's default
-    weight_quantizer: str = "rtn"
+    weight_quantizer: str | None = None  # None: the method's default
     clip_search: bool = False
     seed: int = 0
 
@@ -80,7 +82,7 @@ class QuantConfig:
         if hf is not None and (isinstance(hf, bool) or not 0.0 <= float(hf) < 1.0):
             raise QuantConfigError(f"--high-fraction must be in [0, 1) (0.125 keeps 1/8 of channels in "
                                    f"high precision), got {hf}")
-        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
+        if self.weight_quantizer is not None and self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise QuantConfigError(f"unknown weight quantizer {self.weight_quantizer!r}; choose one of "
                                    f"{', '.join(WEIGHT_QUANTIZERS)}")
 
@@ -89,12 +91,18 @@ class QuantConfig:
         return RECIPES[self.method]
 
     @property
+    def weights_by(self) -> str:
+        """The weight quantizer in effect: the flag, else the recipe's default."""
+        return self.weight_quantizer or self.recipe.weight_quantizer
+
+    @property
     def fraction(self) -> float:
         return self.recipe.default_high_fraction if self.high_fraction is None else float(self.high_fraction)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["high_fraction"] = self.fraction
+        d["weight_quantizer"] = self.weights_by
         return d
 
 
@@ -117,6 +125,7 @@ class QuantizedModel:
     transforms: Transforms
     seconds: dict[str, float]
     stats: CalibrationStats | None = None
+    details: dict = dataclasses.field(default_factory=dict)  # e.g. GPTQ seconds per layer
 
 
 def activation_spec(config: ModelConfig, qc: QuantConfig) -> ActivationSpec:
@@ -185,6 +194,10 @@ def apply_transforms(config: ModelConfig, weights: Mapping[str, np.ndarray], t: 
     return w
 
 
+def uses_gptq(qc: QuantConfig) -> bool:
+    return qc.recipe.quantize and qc.weights_by == "gptq" and qc.w_bits < OFF
+
+
 def prepare(config: ModelConfig, weights: Mapping[str, np.ndarray], recipe: Recipe) -> tuple[ModelConfig, dict]:
     """Untie and fold norms when the recipe rotates the residual stream."""
     if not recipe.fold_norms:
@@ -202,11 +215,12 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     recipe = qc.recipe
     check_hadamard_sizes(config, recipe)
     seconds = {"calibrate": 0.0, "projections": 0.0, "fuse": 0.0, "quantize": 0.0}
+    details: dict = {}
     config, w = prepare(config, weights, recipe)
     transforms = Transforms()
+    if calib_windows is None and ((recipe.needs_calibration and stats is None) or uses_gptq(qc)):
+        raise QuantConfigError(f"method {qc.method!r} needs calibration windows")
     if recipe.needs_calibration and stats is None:
-        if calib_windows is None:
-            raise QuantConfigError(f"method {qc.method!r} needs calibration windows")
         t0 = time.perf_counter()
         stats = calibrate(from_weights(config, w), calib_windows, progress=progress)
         seconds["calibrate"] = time.perf_counter() - t0
@@ -222,10 +236,16 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     t0 = time.perf_counter()
     hooks = FakeQuantHooks(activation_spec(config, qc)) if recipe.quantize else FakeQuantHooks(ActivationSpec())
     if recipe.quantize:
-        w = fake_quantize_weights_rtn(config, w, weight_spec(config, qc))
+        from resq_jax import weight_quantization
+
+        if uses_gptq(qc):
+            w = weight_quantization.gptq_weights(config, w, calib_windows, weight_spec(config, qc),
+                                                 progress=progress, timings=details)
+        else:
+            w = weight_quantization.rtn_weights(config, w, weight_spec(config, qc))
         if hooks.spec.qk_bits < OFF and transforms.key is not None:
             w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)
     seconds["quantize"] = time.perf_counter() - t0
     log(f"{qc.method}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return QuantizedModel(config=config, weights=w, hooks=hooks, qconfig=qc, transforms=transforms,
-                          seconds=seconds, stats=stats)
+                          seconds=seconds, stats=stats, details=details)

@@ -36,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--high-fraction", type=float, default=None,
                    help="fraction of channels kept at --high-bits, in [0, 1) (default: the method's: "
                         "resq 0.125, others 0)")
-    p.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default="rtn",
-                   help="weight quantizer (default %(default)s)")
+    p.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default=None,
+                   help="weight quantizer (default: the method's: gptq for gptq, rtn otherwise)")
     p.add_argument("--clip-search", action="store_true", help="MSE clip search for weight scales")
     p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
                    help=f"calibration text: a UTF-8 file or a built-in name ({', '.join(BUILTIN_TEXTS)}); "
@@ -79,7 +79,7 @@ def run(args) -> int:
         raise cli.UserError(str(e)) from None
     if args.out and os.path.exists(args.out) and not args.force:
         raise cli.UserError(f"--out {args.out} already exists; pass --force to overwrite it or choose another folder")
-    from resq_jax.methods import check_hadamard_sizes
+    from resq_jax.methods import check_hadamard_sizes, uses_gptq
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -95,7 +95,7 @@ def run(args) -> int:
         f"{time.perf_counter() - t0:.1f}s")
     evals = cli.eval_sets(loaded.tokenizer, args.eval_text, args.eval_windows, args.eval_seq_len)
     calib = None
-    if any(qc.recipe.needs_calibration for qc in configs):
+    if any(qc.recipe.needs_calibration or uses_gptq(qc) for qc in configs):
         calib = calib_windows(args, loaded.tokenizer)
 
     # --- the work --------------------------------------------------------------------------

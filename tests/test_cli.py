@@ -1,0 +1,71 @@
+"""The scripts end bad input with one clear line (exit code 2), before any heavy work, and never
+leave half-written output."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hf_fixtures import build_torch_model, tiny_llama_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args, timeout=600):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), "--quiet", *args],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return res.returncode, res.stdout, res.stderr
+
+
+def assert_clean_error(res, *needles):
+    code, out, err = res
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), err[-2000:]
+    for n in needles:
+        assert n in last, last
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--w-bits", "9"], ["w-bits", "between 2 and 8"]),
+    (["--a-bits", "1"], ["a-bits", "between 2 and 8"]),
+    (["--high-fraction", "1.0"], ["high-fraction", "[0, 1)"]),
+    (["--high-fraction", "-0.1"], ["high-fraction"]),
+    (["--calib-windows", "0"], ["--calib-windows must be a positive integer"]),
+    (["--eval-seq-len", "-5"], ["--eval-seq-len must be a positive integer"]),
+    (["--method", "spinquant"], ["unknown method", "resq"]),
+])
+def test_quantize_rejects_bad_settings_before_loading(args, needles):
+    assert_clean_error(run("quantize.py", "--model", "/nonexistent/model", *args), *needles)
+
+
+def test_missing_model(tmp_path):
+    assert_clean_error(run("evaluate.py", "--model", str(tmp_path / "nope")), "nope")
+
+
+def test_unsupported_architecture(tmp_path):
+    folder = tmp_path / "m"
+    build_torch_model(tiny_llama_config()).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    cfg["model_type"] = "mistral"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(run("evaluate.py", "--model", str(folder)), "MistralForCausalLM")
+
+
+def test_existing_out_is_not_overwritten(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_clean_error(run("quantize.py", "--out", str(out)), "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_text_shorter_than_one_window_and_too_many_windows(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    assert_clean_error(run("evaluate.py", "--eval-text", str(short)), "short", "fewer than one")
+    assert_clean_error(run("quantize.py", "--method", "resq", "--calib-windows", "100000"),
+                       "--calib-text", "at most")
