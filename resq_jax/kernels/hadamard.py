@@ -260,14 +260,19 @@ def ffi_status() -> FfiStatus:
 # ----------------------------------------------------------------------------------------
 
 
-def _ffi_call(target: str, x: jax.Array, hk: np.ndarray, transpose: bool, isa: int = 0) -> jax.Array:
-    """x: [..., n] float32/bfloat16/float16, hk: [K, K] -> y: [..., n] (same dtype)."""
+def _ffi_call(target: str, x: jax.Array, hk: np.ndarray, transpose: bool, isa: int | None = None) -> jax.Array:
+    """x: [..., n] float32/bfloat16/float16, hk: [K, K] -> y: [..., n] (same dtype).
+    isa (CPU target only): 0 = best for this CPU, 1 = baseline SSE2, 2 = AVX2+FMA, 3 = AVX-512
+    (capped to what the CPU supports)."""
     call = jax.ffi.ffi_call(
         target,
         jax.ShapeDtypeStruct(x.shape, x.dtype),
         vmap_method="expand_dims",  # x gains the batch axis as leading rows; H_K gets [1, K, K]
     )
-    return call(x, jnp.asarray(hk, dtype=jnp.float32), transpose=bool(transpose), isa=np.int32(isa))
+    attrs = {"transpose": bool(transpose)}
+    if isa is not None:
+        attrs["isa"] = np.int32(isa)
+    return call(x, jnp.asarray(hk, dtype=jnp.float32), **attrs)
 
 
 def _jnp(x: jax.Array, n: int, transpose: bool) -> jax.Array:
@@ -299,22 +304,11 @@ def _forward(x: jax.Array, n: int, transpose: bool, impl: str, isa: int) -> jax.
     def reference(x_):
         return _jnp(x_, n, transpose)
 
-    def unavailable(platform: str, stem: str):
-        def raise_(x_):
-            raise FfiUnavailableError(
-                f"impl='ffi' needs the native {platform} Hadamard library ({library_filename(stem)}), which is "
-                f"not loaded ({'; '.join(st.errors) or 'not found'}). Build it with `pip install .` or use "
-                "impl='auto' / impl='jnp'."
-            )
-
-        return raise_
-
     if impl == "ffi":
-        branches = {
-            "cpu": cpu if st.cpu_library else unavailable("CPU", CPU_LIBRARY),
-            "cuda": cuda if st.cuda_library else unavailable("CUDA", CUDA_LIBRARY),
-        }
-        return jax.lax.platform_dependent(x, default=unavailable("CPU/CUDA", CPU_LIBRARY), **branches)
+        # Every branch of platform_dependent is traced, only the one for the lowering platform is
+        # lowered: an unregistered target in another platform's branch is harmless. The check that
+        # the library of the default backend is loaded happens before tracing (_resolve_impl).
+        return jax.lax.platform_dependent(x, cpu=cpu, cuda=cuda, default=reference)
     # auto
     return jax.lax.platform_dependent(
         x,
@@ -332,7 +326,9 @@ _transform = jax.custom_vjp(_transform_impl, nondiff_argnums=(1, 2, 3, 4))
 
 
 def _transform_fwd(x, n, transpose, impl, isa):
-    return _forward(x, n, transpose, impl, isa), None
+    # Calls the custom_vjp function (not _forward) so that the forward pass stays differentiable
+    # under an outer grad (second order): the FFI call itself has no derivative rule.
+    return _transform(x, n, transpose, impl, isa), None
 
 
 def _transform_bwd(n, transpose, impl, isa, _, dy):
@@ -357,11 +353,23 @@ def _resolve_impl(impl: str, dtype: jnp.dtype) -> str:
             if env not in IMPLS:
                 raise ValueError(f"${ENV_IMPL} must be one of {IMPLS}, got {env!r}")
             impl = env
-    if impl == "ffi" and dtype not in _FFI_DTYPES:
-        raise ValueError(
-            f"the FFI Hadamard kernel supports float32, bfloat16 and float16, got {dtype}; "
-            "cast x (e.g. x.astype(jnp.float32)) or use impl='jnp' (computes float64 in float64)"
-        )
+    if impl == "ffi":
+        if dtype not in _FFI_DTYPES:
+            raise ValueError(
+                f"the FFI Hadamard kernel supports float32, bfloat16 and float16, got {dtype}; "
+                "cast x (e.g. x.astype(jnp.float32)) or use impl='jnp' (computes float64 in float64)"
+            )
+        st = _LOADER.status()
+        backend = jax.default_backend()
+        loaded = {"cpu": st.cpu_library, "gpu": st.cuda_library, "cuda": st.cuda_library}.get(backend)
+        if loaded is None:
+            stem = CPU_LIBRARY if backend == "cpu" else CUDA_LIBRARY
+            raise FfiUnavailableError(
+                f"impl='ffi' needs the native Hadamard library for the '{backend}' backend "
+                f"({library_filename(stem) if backend in ('cpu', 'gpu', 'cuda') else 'none exists'}), which is "
+                f"not loaded ({'; '.join(st.errors) or 'not found'}). Build it with `pip install .` or use "
+                "impl='auto' / impl='jnp'."
+            )
     if impl == "auto":
         if dtype not in _FFI_DTYPES:  # float64: the kernels compute in float32, keep full precision
             return "jnp"
