@@ -197,7 +197,7 @@ class _Loader:
                 self._status = self._load()
             return self._status
 
-    def warn_missing_once(self, platform: str) -> None:
+    def warn_missing_once(self, platform: str, filename: str) -> None:
         st = self.status()
         with self._lock:
             if self._warned:
@@ -207,9 +207,9 @@ class _Loader:
         warnings.warn(
             f"resq_jax.kernels.hadamard: the native {platform} Hadamard kernel is unavailable ({detail}); "
             "using the jnp reference (same numbers, slower). Build it with `pip install .` (needs a C++ "
-            f"compiler and CMake) or point {ENV_LIB_DIR} at the directory holding {library_filename(CPU_LIBRARY)}.",
+            f"compiler and CMake; nvcc for CUDA) or point {ENV_LIB_DIR} at the directory holding {filename}.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
     def _load(self) -> FfiStatus:
@@ -344,6 +344,16 @@ _transform.defvjp(_transform_fwd, _transform_bwd)
 # ----------------------------------------------------------------------------------------
 
 
+def _default_kernel_platform() -> str | None:
+    """'cpu' or 'cuda' when the default backend has a native kernel in ffi/, else None."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    if backend in ("gpu", "cuda") and _cuda_backend_present():
+        return "cuda"
+    return None
+
+
 def _resolve_impl(impl: str, dtype: jnp.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -353,29 +363,31 @@ def _resolve_impl(impl: str, dtype: jnp.dtype) -> str:
             if env not in IMPLS:
                 raise ValueError(f"${ENV_IMPL} must be one of {IMPLS}, got {env!r}")
             impl = env
+    if impl in ("jnp", "dense"):
+        return impl
+    platform = _default_kernel_platform()
+    st = _LOADER.status()
+    loaded = {"cpu": st.cpu_library, "cuda": st.cuda_library}.get(platform) if platform else None
+    stem = CUDA_LIBRARY if platform == "cuda" else CPU_LIBRARY
     if impl == "ffi":
         if dtype not in _FFI_DTYPES:
             raise ValueError(
                 f"the FFI Hadamard kernel supports float32, bfloat16 and float16, got {dtype}; "
                 "cast x (e.g. x.astype(jnp.float32)) or use impl='jnp' (computes float64 in float64)"
             )
-        st = _LOADER.status()
-        backend = jax.default_backend()
-        loaded = {"cpu": st.cpu_library, "gpu": st.cuda_library, "cuda": st.cuda_library}.get(backend)
         if loaded is None:
-            stem = CPU_LIBRARY if backend == "cpu" else CUDA_LIBRARY
+            where = f"the {platform.upper()} library {library_filename(stem)}" if platform else "a CPU or CUDA backend"
             raise FfiUnavailableError(
-                f"impl='ffi' needs the native Hadamard library for the '{backend}' backend "
-                f"({library_filename(stem) if backend in ('cpu', 'gpu', 'cuda') else 'none exists'}), which is "
-                f"not loaded ({'; '.join(st.errors) or 'not found'}). Build it with `pip install .` or use "
+                f"impl='ffi' needs {where}, which is not available on the '{jax.default_backend()}' backend "
+                f"({'; '.join(st.errors) or 'not found'}). Build it with `pip install .` or use "
                 "impl='auto' / impl='jnp'."
             )
-    if impl == "auto":
-        if dtype not in _FFI_DTYPES:  # float64: the kernels compute in float32, keep full precision
-            return "jnp"
-        st = _LOADER.status()
-        if st.cpu_library is None and jax.default_backend() == "cpu":
-            _LOADER.warn_missing_once("CPU")
+        return impl
+    # auto: float64 keeps full precision in the jnp reference (the kernels compute in float32).
+    if dtype not in _FFI_DTYPES:
+        return "jnp"
+    if platform is not None and loaded is None:
+        _LOADER.warn_missing_once(platform.upper(), library_filename(stem))
     return impl
 
 
