@@ -8,6 +8,7 @@ the ResQ projections put the high-variance subspace):
   k, v (the cache) per (token, head): first hd - r_h kv_bits, last r_h high_bits
   q_rope, k_rope   per (token, head) qk_bits (ResQ's int8 model of the online key rotation)
   down_in          per token, uniform down_bits
+  lowrank          per token, lowrank_bits (x @ A of an L2QER correction on integer weights)
 Bits >= 16 switch a quantizer off. Embeddings, lm_head, Q, softmax and P.V stay in float.
 """
 from __future__ import annotations
@@ -36,10 +37,11 @@ class ActivationSpec:
     high_residual: int = 0  # r: high channels of attn_in / mlp_in
     high_head: int = 0  # r_h: high channels per head of o_in, k, v
     qk_bits: int = OFF  # q/k before the online key rotation
+    lowrank_bits: int = OFF  # x @ A of a low-rank (L2QER) correction, per token
 
     @property
     def active(self) -> bool:
-        return min(self.a_bits, self.kv_bits, self.down_bits, self.qk_bits) < OFF
+        return min(self.a_bits, self.kv_bits, self.down_bits, self.qk_bits, self.lowrank_bits) < OFF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,8 @@ class FakeQuantHooks(SiteHooks):
             return x if s.qk_bits >= OFF else fake_quant_asym(x, s.qk_bits)
         if site == "down_in":
             return _mixed(x, s.down_bits, OFF, 0)
+        if site == "lowrank":
+            return x if s.lowrank_bits >= OFF else fake_quant_asym(x, s.lowrank_bits)
         return x
 
 

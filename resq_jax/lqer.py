@@ -52,7 +52,7 @@ from resq_jax.quantizers import MXINT_WIDTHS, check_bits, fake_quant_mxint, fake
 __all__ = [
     "LQERConfigError", "OFF", "MXINT_BLOCK", "SCALE_FLOOR", "LINEARS", "LINEAR_SITES", "QUANTIZED_SITES",
     "l2qer_scale", "lowrank_correction", "LQERSpec", "MXIntHooks", "quantize_weight",
-    "quantize_lowrank", "correct_linear", "lqer_quantize_weights",
+    "quantize_lowrank", "correct_linear", "lqer_quantize_weights", "int_lowrank_weights",
 ]
 
 OFF = 16  # a width >= OFF leaves that quantizer off
@@ -341,4 +341,34 @@ def lqer_quantize_weights(config: ModelConfig, weights: Mapping[str, np.ndarray]
                 raise LQERConfigError(f"{key}: {e}") from None
             out[key + "_lr_a"] = a_q
             out[key + "_lr_b"] = b_q
+    return out
+
+
+def int_lowrank_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], weights_q: Mapping[str, np.ndarray],
+                        rank: int, abs_mean: Mapping[str, np.ndarray] | None = None, bits: int = 8) -> dict:
+    """L2QER (``abs_mean`` given) or LQER correction of integer-quantized weights.
+
+    ``weights`` are the float weights (e.g. after ResQ's projections are fused) and
+    ``weights_q`` the same dict with every decoder linear quantized (RTN or GPTQ). For each
+    linear the rank-k correction of ``weights - weights_q`` is added as
+    ``layers.{i}.{name}_lr_a`` [d_in, k] / ``_lr_b`` [k, d_out], each fake-quantized symmetric
+    per column to ``bits`` (float32 arithmetic). Run the result with hooks that quantize the
+    ``lowrank`` site (``FakeQuantHooks`` with ``ActivationSpec.lowrank_bits``)."""
+    check_bits(bits, "bits", allow_off=True)
+    if abs_mean is not None:
+        _check_abs_mean(config, weights, abs_mean)
+    out = dict(weights_q)
+    for i in range(config.num_layers):
+        for name in LINEARS:
+            key = f"layers.{i}.{name}"
+            scale = None if abs_mean is None else l2qer_scale(np.asarray(abs_mean[LINEAR_SITES[name]])[i])
+            try:
+                a, b = lowrank_correction(weights[key], weights_q[key], rank, scale)
+            except LQERConfigError as e:
+                raise LQERConfigError(f"{key}: {e}") from None
+            a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+            if bits < OFF:
+                a32, b32 = fake_quant_weight(a32, bits), fake_quant_weight(b32, bits)
+            out[key + "_lr_a"] = np.asarray(a32)
+            out[key + "_lr_b"] = np.asarray(b32)
     return out

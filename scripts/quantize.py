@@ -29,16 +29,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"recipe to run, repeatable or comma-separated: {', '.join(METHODS)} "
                         f"(default: {','.join(DEFAULT_METHODS)}; the float model 'none' is always included)")
     p.add_argument("--w-bits", type=int, default=4, help="weight bits (2..8, 16 = off; default %(default)s)")
-    p.add_argument("--a-bits", type=int, default=4, help="activation bits (2..8, 16 = off; default %(default)s)")
-    p.add_argument("--kv-bits", type=int, default=4, help="KV cache bits (2..8, 16 = off; default %(default)s)")
+    p.add_argument("--a-bits", type=int, default=None,
+                   help="activation bits (2..8, 16 = off; default: the method's: 4, or 8 for the MXINT "
+                        "recipes mxint/lqer/l2qer, whose widths are 4, 6 or 8)")
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="KV cache bits (2..8, 16 = off; default: the method's: 4, off for mxint/lqer/l2qer)")
     p.add_argument("--high-bits", type=int, default=8,
                    help="bits of the high-precision channels (default %(default)s)")
     p.add_argument("--high-fraction", type=float, default=None,
                    help="fraction of channels kept at --high-bits, in [0, 1) (default: the method's: "
                         "resq 0.125, others 0)")
     p.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default=None,
-                   help="weight quantizer (default: the method's: gptq for gptq, rtn otherwise)")
+                   help="weight quantizer of the integer recipes (default: the method's: rtn for rtn, gptq for "
+                        "gptq, quarot, resq and resq+l2qer)")
     p.add_argument("--clip-search", action="store_true", help="MSE clip search for weight scales")
+    p.add_argument("--rank", type=int, default=None,
+                   help="rank k of the low-rank correction of lqer, l2qer and resq+l2qer (default 32)")
+    p.add_argument("--w-format", choices=("mxint", "int"), default=None,
+                   help="weights of mxint/lqer/l2qer: MXINT blocks of 16 (default) or symmetric integer "
+                        "with --group-size rows per scale (weight-only LQER: add --a-bits 16)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="rows per weight scale group for --w-format int (default 128)")
     p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
                    help=f"calibration text: a UTF-8 file or a built-in name ({', '.join(BUILTIN_TEXTS)}); "
                         "default %(default)s")
@@ -74,12 +85,13 @@ def run(args) -> int:
         configs = [QuantConfig(method=m, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
                                high_bits=args.high_bits, high_fraction=args.high_fraction,
                                weight_quantizer=args.weight_quantizer, clip_search=args.clip_search,
-                               seed=args.seed) for m in method_list(args)]
+                               seed=args.seed, rank=args.rank, w_format=args.w_format,
+                               group_size=args.group_size) for m in method_list(args)]
     except QuantConfigError as e:
         raise cli.UserError(str(e)) from None
     if args.out and os.path.exists(args.out) and not args.force:
         raise cli.UserError(f"--out {args.out} already exists; pass --force to overwrite it or choose another folder")
-    from resq_jax.methods import check_hadamard_sizes, uses_gptq
+    from resq_jax.methods import check_hadamard_sizes, check_rank, uses_gptq
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -89,6 +101,7 @@ def run(args) -> int:
     for qc in configs:
         try:
             check_hadamard_sizes(loaded.config, qc.recipe)
+            check_rank(loaded.config, qc)
         except ValueError as e:
             raise cli.UserError(f"{qc.method}: {e}") from None
     log(f"loaded {loaded.source} ({loaded.config.arch}, {loaded.config.num_layers} layers) in "
@@ -120,6 +133,7 @@ def run(args) -> int:
             secs += res.seconds
             log(f"{qc.method} {name}: ppl {res.ppl:.3f} ({res.tokens_per_second:.0f} tok/s)")
         runs.append({"method": qc.method, "config": qc.to_dict(), "ppl": ppl,
+                     "weight_bits": qm.details.get("weight_bits"),
                      "seconds": {"calibrate": qm.seconds["calibrate"],
                                  "quantize": sum(v for k, v in qm.seconds.items() if k != "calibrate"),
                                  "evaluate": secs}})

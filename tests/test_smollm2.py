@@ -72,7 +72,7 @@ def test_w4a4kv4_ordering(smol, eval_set, calib_set, fp_ppl):
     ppl = {}
     stats = None
     for method in ("rtn", "quarot", "resq"):
-        qm = quantize_model(smol.config, smol.weights, QuantConfig(method=method), calib_set, stats=stats,
+        qm = quantize_model(smol.config, smol.weights, QuantConfig(method=method, weight_quantizer="rtn"), calib_set, stats=stats,
                             progress=False)
         stats = qm.stats or stats
         ppl[method] = perplexity(from_weights(qm.config, qm.weights), eval_set, hooks=qm.hooks, progress=False).ppl
