@@ -4,8 +4,9 @@
 Sections (default: all that are available):
   throughput  evaluation tokens/s of our jitted model vs transformers+torch on the same windows,
               same thread count, side by side in one run; their perplexities must agree
-  stages      wall time of each ResQ stage (calibrate, projections, fuse, quantize, evaluate) on
-              SmolLM2, and the process's peak resident memory (run in a fresh subprocess)
+  stages      wall time of each ResQ stage (calibrate, projections, fuse, quantize = GPTQ, evaluate)
+              and GPTQ's seconds per layer on SmolLM2, and the process's peak resident memory
+              (run in a fresh subprocess)
   hadamard    native FFI Walsh-Hadamard vs the jnp fast reference vs a dense matmul
 
   python scripts/benchmark.py --out results/benchmark.json
@@ -76,7 +77,8 @@ def throughput(model_spec: str, windows: int, seq_len: int, batch_size: int, thr
 
 
 def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: int) -> dict:
-    """ResQ W4A4KV4 (RTN weights) stage times and peak memory; meant to run in a fresh process."""
+    """ResQ W4A4KV4 (GPTQ weights, its default) stage times, GPTQ seconds per layer, and peak
+    memory; meant to run in a fresh process."""
     from models.decoder import from_weights
     from models.loaders import load_model
     from resq_jax.data import calib_windows as sample, eval_windows, load_text, tokenize
@@ -92,7 +94,9 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
     qm = quantize_model(loaded.config, loaded.weights, QuantConfig(method="resq"), calib, progress=False)
     res = perplexity(from_weights(qm.config, qm.weights), win, hooks=qm.hooks, progress=False)
     return {"model": loaded.source, "calib_windows": calib_windows, "eval_windows": eval_windows_n,
-            "seq_len": seq_len, "seconds": {"load": load_s, **qm.seconds, "evaluate": res.seconds},
+            "seq_len": seq_len, "weight_quantizer": qm.qconfig.weights_by,
+            "seconds": {"load": load_s, **qm.seconds, "evaluate": res.seconds},
+            "gptq_seconds_per_layer": qm.details.get("gptq_per_layer"),
             "ppl": res.ppl, "peak_rss_mb_after_load": rss_model, "peak_rss_mb": _peak_rss_mb()}
 
 
