@@ -257,25 +257,29 @@ def _colsum(q):
 
 def pack_weights(codes: quantizers.WeightCodes, bias: jax.Array | None = None) -> PackedWeights:
     """PackedWeights from ``quantizers.quantize_weight_sym(w: [K, N], low_bits <= 4, high_bits <=
-    8, high_rows=r)`` codes (one scale per output column: group_size=None)."""
+    8, high_rows=r)`` codes (one scale per output column: group_size=None); ``bias: [N]``."""
     if codes.group_size is not None:
         raise ValueError(f"the packed GEMM takes one weight scale per output column; got "
                          f"group_size={codes.group_size}: quantize with group_size=None")
     _check_bits(codes.low_bits, codes.high_bits)
-    q_low, q_high = codes.q_low, codes.q_high
-    k = q_low.shape[0] + q_high.shape[0]
-    check_mixed_layout(k, q_high.shape[0])
-    n = q_low.shape[1]
-    out = dict(w4=packing.pack_int4(q_low, axis=0), scale4=codes.scale_low[0].astype(_F32),
-               colsum4=_colsum(q_low), w8=None, scale8=None, colsum8=None, bias=None)
-    if q_high.shape[0]:
-        out.update(w8=q_high.astype(jnp.int8), scale8=codes.scale_high[0].astype(_F32),
-                   colsum8=_colsum(q_high))
+    k = codes.q_low.shape[0] + codes.q_high.shape[0]
+    check_mixed_layout(k, codes.q_high.shape[0])
+    n = codes.q_low.shape[1]
     if bias is not None:
         bias = jnp.asarray(bias, _F32)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape [N] = ({n},), got {bias.shape}")
-        out["bias"] = bias
+    return _pack_weights(codes, bias)
+
+
+@jax.jit
+def _pack_weights(codes: quantizers.WeightCodes, bias: jax.Array | None) -> PackedWeights:
+    q_low, q_high = codes.q_low, codes.q_high
+    out = dict(w4=packing.pack_int4(q_low, axis=0), scale4=codes.scale_low[0].astype(_F32),
+               colsum4=_colsum(q_low), w8=None, scale8=None, colsum8=None, bias=bias)
+    if q_high.shape[0]:
+        out.update(w8=q_high.astype(jnp.int8), scale8=codes.scale_high[0].astype(_F32),
+                   colsum8=_colsum(q_high))
     return PackedWeights(**out)
 
 
