@@ -127,6 +127,17 @@ def online_hadamard(x: jnp.ndarray, n: int) -> jnp.ndarray:
     return hadamard(x, n)
 
 
+def _linear(weights: Mapping[str, Any], p: str, name: str) -> nnx.Module:
+    """Linear ``p + name`` from its weight (and optional ``_bias``, ``_lr_a``/``_lr_b``); an
+    entry that is already a module (e.g. resq_jax.runtime's packed-integer linear, which holds
+    its own bias) is used as it is."""
+    w = weights[p + name]
+    if isinstance(w, nnx.Module):
+        return w
+    get = lambda n: weights.get(p + name + n)  # noqa: E731
+    return Linear(w, get("_bias"), get("_lr_a"), get("_lr_b"))
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, weights: Mapping[str, Any], i: int):
         p = f"layers.{i}."
@@ -136,14 +147,9 @@ class DecoderLayer(nnx.Module):
         self.head_dim = config.head_dim
         self.eps = config.rms_eps
         self.attn_norm = _param(weights[p + "attn_norm"])
-        self.q = Linear(weights[p + "q"], get("q_bias"), get("q_lr_a"), get("q_lr_b"))
-        self.k = Linear(weights[p + "k"], get("k_bias"), get("k_lr_a"), get("k_lr_b"))
-        self.v = Linear(weights[p + "v"], get("v_bias"), get("v_lr_a"), get("v_lr_b"))
-        self.o = Linear(weights[p + "o"], get("o_bias"), get("o_lr_a"), get("o_lr_b"))
+        self.q, self.k, self.v, self.o = (_linear(weights, p, n) for n in ("q", "k", "v", "o"))
         self.mlp_norm = _param(weights[p + "mlp_norm"])
-        self.gate = Linear(weights[p + "gate"], None, get("gate_lr_a"), get("gate_lr_b"))
-        self.up = Linear(weights[p + "up"], None, get("up_lr_a"), get("up_lr_b"))
-        self.down = Linear(weights[p + "down"], get("down_bias"), get("down_lr_a"), get("down_lr_b"))
+        self.gate, self.up, self.down = (_linear(weights, p, n) for n in ("gate", "up", "down"))
         rot = get("key_rotation")
         self.key_rotation = nnx.data(None if rot is None else Online(jnp.asarray(rot)))
         self.down_hadamard = int(weights.get(p + "down_hadamard", 0) or 0)
@@ -163,22 +169,26 @@ class DecoderLayer(nnx.Module):
         h = site("attn_in", rms_norm(x, self.attn_norm[...], self.eps))
         q = self.q(h, hooks).reshape(b, t, self.num_heads, hd)
         k = self.k(h, hooks).reshape(b, t, self.num_kv_heads, hd)
-        v = site("v", self.v(h, hooks).reshape(b, t, self.num_kv_heads, hd))
+        v_raw = self.v(h, hooks).reshape(b, t, self.num_kv_heads, hd)
+        v = site("v", v_raw)
         q = site("q_rope", apply_rope(q, cos, sin))
         k = site("k_rope", apply_rope(k, cos, sin))
         if self.key_rotation is not None:
             rot = self.key_rotation[...].astype(q.dtype)
             q = jnp.einsum("bthd,de->bthe", q, rot)
             k = jnp.einsum("bthd,de->bthe", k, rot)
+        k_raw = k
         q = site("q", q)
         k = site("k", k)
         new_cache = None
-        if cache is not None:
+        if cache is None:
+            k_all, v_all = k, v
+        elif isinstance(cache, dict):
             k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": k_all, "v": v_all}
-        else:
-            k_all, v_all = k, v
+        else:  # a cache that stores k/v in its own format (resq_jax.runtime's quantized cache)
+            k_all, v_all, new_cache = cache.write(k_raw, v_raw, cache_index)
         a = site("o_in", causal_attention(q, k_all, v_all, positions))
         x = x + self.o(a.reshape(b, t, self.num_heads * hd), hooks)
         h = site("mlp_in", rms_norm(x, self.mlp_norm[...], self.eps))
@@ -221,8 +231,10 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None):
         """tokens: [B, T] -> (logits [B, T, vocab], new cache or None).
 
-        With ``cache`` (a list of per-layer {"k", "v"}: [B, S, KV, hd]) the tokens sit at
-        positions cache_index .. cache_index+T-1.
+        With ``cache`` (a list of per-layer {"k", "v"}: [B, S, KV, hd], or of objects with
+        ``write(k, v, index) -> (k_all, v_all, new)`` that receive k/v before the k/v site
+        hooks, as the packed runtime's quantized cache) the tokens sit at positions
+        cache_index .. cache_index+T-1.
         """
         t = tokens.shape[1]
         start = 0 if cache_index is None else cache_index

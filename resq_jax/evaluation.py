@@ -83,15 +83,20 @@ def _decode_step(graphdef, state, tokens, cache, cache_index, hooks):
 
 
 def generate_greedy(model: Decoder, prompt_ids: np.ndarray, max_new_tokens: int = 32, *,
-                    hooks: SiteHooks = IDENTITY, eos_token_id: int | None = None) -> np.ndarray:
-    """Greedy decoding with the KV cache. prompt_ids: [T] -> new token ids [<= max_new_tokens]."""
+                    hooks: SiteHooks = IDENTITY, eos_token_id: int | None = None,
+                    cache: list | None = None) -> np.ndarray:
+    """Greedy decoding with the KV cache. prompt_ids: [T] -> new token ids [<= max_new_tokens].
+
+    ``cache``: an empty per-layer cache for at least T + max_new_tokens positions (default: a
+    float32 one from init_cache; the packed runtime passes its quantized cache)."""
     prompt_ids = np.asarray(prompt_ids, dtype=np.int32)
     if prompt_ids.ndim != 1 or prompt_ids.size == 0:
         raise ValueError("the prompt must tokenize to at least one token")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     graphdef, state = nnx.split(model)
-    cache = init_cache(model.config, 1, prompt_ids.size + max_new_tokens)
+    if cache is None:
+        cache = init_cache(model.config, 1, prompt_ids.size + max_new_tokens)
     nxt, cache = _decode_step(graphdef, state, jnp.asarray(prompt_ids[None]), cache, 0, hooks)
     out = []
     pos = prompt_ids.size

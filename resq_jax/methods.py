@@ -126,6 +126,9 @@ class QuantizedModel:
     seconds: dict[str, float]
     stats: CalibrationStats | None = None
     details: dict = dataclasses.field(default_factory=dict)  # e.g. GPTQ seconds per layer
+    # the weight quantizer's integer codes: {"layers.{i}.{name}": WeightCodes}, rows in
+    # fake_quant.linear_high_rows order (what resq_jax.runtime.pack_model packs); empty if unquantized
+    codes: dict = dataclasses.field(default_factory=dict)
 
 
 def activation_spec(config: ModelConfig, qc: QuantConfig) -> ActivationSpec:
@@ -216,6 +219,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     check_hadamard_sizes(config, recipe)
     seconds = {"calibrate": 0.0, "projections": 0.0, "fuse": 0.0, "quantize": 0.0}
     details: dict = {}
+    codes: dict = {}
     config, w = prepare(config, weights, recipe)
     transforms = Transforms()
     if calib_windows is None and ((recipe.needs_calibration and stats is None) or uses_gptq(qc)):
@@ -239,13 +243,14 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
         from resq_jax import weight_quantization
 
         if uses_gptq(qc):
-            w = weight_quantization.gptq_weights(config, w, calib_windows, weight_spec(config, qc),
-                                                 progress=progress, timings=details)
+            qw = weight_quantization.gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc),
+                                                        progress=progress, timings=details)
         else:
-            w = weight_quantization.rtn_weights(config, w, weight_spec(config, qc))
+            qw = weight_quantization.rtn_weights_codes(config, w, weight_spec(config, qc))
+        w, codes = qw.weights, qw.codes
         if hooks.spec.qk_bits < OFF and transforms.key is not None:
             w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)
     seconds["quantize"] = time.perf_counter() - t0
     log(f"{qc.method}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return QuantizedModel(config=config, weights=w, hooks=hooks, qconfig=qc, transforms=transforms,
-                          seconds=seconds, stats=stats, details=details)
+                          seconds=seconds, stats=stats, details=details, codes=codes)

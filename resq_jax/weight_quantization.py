@@ -9,6 +9,7 @@ rotation, are part of the model and do apply).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -22,44 +23,92 @@ from flax import nnx
 from models.config import ModelConfig
 from models.decoder import IDENTITY, from_weights
 from models.runner import LayerStreamer, layer_apply
-from resq_jax.fake_quant import LINEARS, OFF, WeightSpec, linear_high_rows, quantize_weight_rtn
+from resq_jax.fake_quant import LINEARS, OFF, WeightSpec, linear_high_rows
+from resq_jax.quantizers import WeightCodes, dequantize_weight, quantize_weight_sym
 
 # (site whose inputs feed the linears, the linears) in the order GPTQ visits them
 GPTQ_ORDER = (("attn_in", ("q", "k", "v")), ("o_in", ("o",)), ("mlp_in", ("gate", "up")), ("down_in", ("down",)))
 
 
-def rtn_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: WeightSpec) -> dict:
-    """Every decoder linear fake-quantized with round-to-nearest (embeddings, lm_head untouched)."""
+@dataclasses.dataclass
+class QuantizedWeights:
+    """A weights dict with every decoder linear quantized, and the quantizer's integer codes.
+
+    weights: the input dict with ``layers.{i}.{name}`` replaced by its dequantized float32
+             weights [d_in, d_out] in the original row order (what the fake-quant model runs).
+    codes:   {"layers.{i}.{name}": WeightCodes} in the row order of ``linear_high_rows`` (o_proj's
+             rows permuted so every head's high rows come last; identity for the others), such
+             that ``dequantize_weight(codes)`` un-permuted equals ``weights`` exactly. Empty when
+             weights are not quantized (w_bits >= 16).
+    """
+
+    weights: dict
+    codes: dict[str, WeightCodes]
+
+
+def _unpermute(rows: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+    """rows: [d_in, d_out] in ``perm`` order -> the original row order."""
+    if perm is None:
+        return rows
+    out = np.empty_like(rows)
+    out[perm] = rows
+    return out
+
+
+def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: WeightSpec) -> QuantizedWeights:
+    """Every decoder linear quantized with round-to-nearest (embeddings, lm_head untouched)."""
     out = dict(weights)
+    codes: dict[str, WeightCodes] = {}
     if spec.w_bits >= OFF:
-        return out
+        return QuantizedWeights(out, codes)
     for i in range(config.num_layers):
         for name in LINEARS:
             key = f"layers.{i}.{name}"
             perm, high = linear_high_rows(config, name, spec)
-            out[key] = quantize_weight_rtn(np.asarray(weights[key], np.float32), perm, high, spec)
-    return out
+            w = np.asarray(weights[key], np.float32)
+            codes[key] = quantize_weight_sym(jnp.asarray(w if perm is None else w[perm]), spec.w_bits,
+                                             spec.high_bits, high, spec.clip_search)
+            out[key] = _unpermute(np.asarray(dequantize_weight(codes[key])), perm)
+    return QuantizedWeights(out, codes)
+
+
+def rtn_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: WeightSpec) -> dict:
+    """Every decoder linear fake-quantized with round-to-nearest (embeddings, lm_head untouched)."""
+    return rtn_weights_codes(config, weights, spec).weights
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "site"))
 def _site_hessian(graphdef, state, x, rope, positions, site: str):
-    """One layer on x: [b, T, d] -> (layer output, sum over tokens of v v^T for the site's inputs v)."""
+    """Sum over tokens of v v^T for the inputs v of a layer's site, x: [b, T, d] -> [c, c].
+
+    Only the site is returned, so XLA drops the rest of the layer (computing the Hessian of
+    q/k/v costs one RMSNorm, that of o_proj the attention block, and so on)."""
     cos, sin = rope
-    y, sites, _ = nnx.merge(graphdef, state)(x, cos, sin, positions, IDENTITY, capture=(site,))
+    _, sites, _ = nnx.merge(graphdef, state)(x, cos, sin, positions, IDENTITY, capture=(site,))
     v = sites[site].astype(jnp.float32)
     v = v.reshape(-1, v.shape[2] * (v.shape[3] if v.ndim == 4 else 1))
-    return y, v.T @ v
+    return v.T @ v
 
 
 def gptq_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
-                 spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, progress: bool = True,
-                 timings: dict | None = None) -> dict:
-    """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]."""
+                 spec: WeightSpec, **kw) -> dict:
+    """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]
+    (keywords of ``gptq_weights_codes``)."""
+    return gptq_weights_codes(config, weights, windows, spec, **kw).weights
+
+
+def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
+                       spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, progress: bool = True,
+                       timings: dict | None = None) -> QuantizedWeights:
+    """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]; the codes
+    are GPTQResult.codes (act_order permutes rows inside GPTQ only: its codes come back in
+    ``linear_high_rows`` order, see gptq.gptq_quantize)."""
     from resq_jax.gptq import gptq_quantize
 
     out = dict(weights)
+    codes: dict[str, WeightCodes] = {}
     if spec.w_bits >= OFF:
-        return out
+        return QuantizedWeights(out, codes)
     windows = np.asarray(windows, np.int32)
     streamer = LayerStreamer(from_weights(config, out))
     positions, rope = streamer.rope(windows.shape[1])
@@ -73,7 +122,7 @@ def gptq_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], windows
             graphdef, state = nnx.split(_layer(config, out, i))
             h = None
             for x in xs:
-                _, hx = _site_hessian(graphdef, state, x, rope, positions, site)
+                hx = _site_hessian(graphdef, state, x, rope, positions, site)
                 h = hx if h is None else h + hx
             h = np.asarray(h, np.float32) * (2.0 / n_tokens)
             for name in names:
@@ -83,6 +132,7 @@ def gptq_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], windows
                                     high_bits=spec.high_bits, high_rows=high, row_perm=perm,
                                     act_order=act_order, clip_search=spec.clip_search)
                 out[key] = np.asarray(res.w_q, np.float32)
+                codes[key] = res.codes
         graphdef, state = nnx.split(_layer(config, out, i))
         xs = [layer_apply(graphdef, state, x, rope, positions)[0] for x in xs]
         per_layer.append(time.perf_counter() - t0)
@@ -92,7 +142,7 @@ def gptq_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], windows
         bar.close()
     if timings is not None:
         timings["gptq_per_layer"] = per_layer
-    return out
+    return QuantizedWeights(out, codes)
 
 
 def _layer(config: ModelConfig, weights: Mapping[str, np.ndarray], i: int):

@@ -8,9 +8,13 @@ Sections (default: all that are available):
               and GPTQ's seconds per layer on SmolLM2, and the process's peak resident memory
               (run in a fresh subprocess)
   hadamard    native FFI Walsh-Hadamard vs the jnp fast reference vs a dense matmul
+  packed      evaluation tokens/s and peak resident memory of the float model, the ResQ
+              fake-quant model and the packed-integer runtime (each in a fresh process that
+              loads a checkpoint written once beforehand), and the checkpoint sizes
 
   python scripts/benchmark.py --out results/benchmark.json
   python scripts/benchmark.py --section throughput --seq-len 512 --windows 8
+  python scripts/benchmark.py --section packed --weight-quantizer rtn
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SECTIONS = ("throughput", "stages", "hadamard")
+SECTIONS = ("throughput", "stages", "hadamard", "packed")
+RUNTIME_PATHS = ("float", "fake", "packed")
 
 
 def _peak_rss_mb() -> float:
@@ -100,6 +105,93 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
             "ppl": res.ppl, "peak_rss_mb_after_load": rss_model, "peak_rss_mb": _peak_rss_mb()}
 
 
+def _folder_mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6
+
+
+def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: str, weight_quantizer: str) -> dict:
+    """Quantize with ResQ W4A4KV4 once and write the packed and the (older) fake-quant checkpoints."""
+    import numpy as np
+
+    from models.loaders import load_model
+    from resq_jax.checkpoint import save_fake_quant, save_packed
+    from resq_jax.data import calib_windows as sample, load_text, tokenize
+    from resq_jax.methods import QuantConfig, quantize_model
+    from resq_jax.runtime import pack_model
+
+    loaded = load_model(model_spec)
+    calib = sample(tokenize(load_text("wiki-calib").text, loaded.tokenizer), calib_windows, seq_len, 0)
+    qm = quantize_model(loaded.config, loaded.weights, QuantConfig(method="resq", weight_quantizer=weight_quantizer),
+                        calib, progress=False)
+    packed, fake = os.path.join(folder, "packed"), os.path.join(folder, "fake")
+    save_packed(packed, pack_model(qm), tokenizer=loaded.tokenizer, source=loaded.source, force=True)
+    save_fake_quant(fake, qm, loaded, force=True)
+    fp16_mb = 2 * sum(np.asarray(v).size for v in loaded.weights.values()) / 1e6
+    packed_mb = _folder_mb(packed) - _folder_mb(os.path.join(packed, "tokenizer"))
+    return {"weight_quantizer": weight_quantizer, "calib_windows": calib_windows, "float16_weights_mb": fp16_mb,
+            "packed_checkpoint_mb": packed_mb, "fake_quant_checkpoint_mb": _folder_mb(fake) - _folder_mb(
+                os.path.join(fake, "tokenizer")), "size_ratio_float16_to_packed": fp16_mb / packed_mb}
+
+
+def runtime_path(path: str, model_spec: str, folder: str, windows: int, seq_len: int, batch_size: int) -> dict:
+    """Evaluate one of RUNTIME_PATHS in this (fresh) process: tokens/s after a compile batch, peak RSS."""
+    from models.decoder import IDENTITY, from_weights
+    from resq_jax.data import eval_windows, load_text, tokenize
+    from resq_jax.evaluation import perplexity
+
+    t0 = time.perf_counter()
+    if path == "float":
+        from models.loaders import load_model
+
+        loaded = load_model(model_spec)
+        model, hooks, tokenizer = from_weights(loaded.config, loaded.weights), IDENTITY, loaded.tokenizer
+        del loaded
+    elif path == "fake":
+        from resq_jax.checkpoint import load_fake_quant
+
+        ck = load_fake_quant(os.path.join(folder, "fake"))
+        model, hooks, tokenizer = from_weights(ck.config, ck.weights), ck.hooks, ck.tokenizer
+        del ck
+    else:
+        from resq_jax.checkpoint import load_packed
+        from resq_jax.runtime import packed_decoder
+
+        ck = load_packed(os.path.join(folder, "packed"))
+        model, hooks, tokenizer = packed_decoder(ck.model), ck.model.hooks, ck.tokenizer
+        del ck
+    load_s = time.perf_counter() - t0
+    rss_load = _peak_rss_mb()
+    win = eval_windows(tokenize(load_text("wiki-eval").text, tokenizer), windows, seq_len)
+    perplexity(model, win[:batch_size], batch_size=batch_size, hooks=hooks, progress=False)  # compile
+    res = perplexity(model, win, batch_size=batch_size, hooks=hooks, progress=False)
+    return {"path": path, "tokens_per_s": res.tokens_per_second, "ppl": res.ppl, "load_seconds": load_s,
+            "peak_rss_mb_after_load": rss_load, "peak_rss_mb": _peak_rss_mb()}
+
+
+def packed_section(args) -> dict:
+    import tempfile
+
+    def child(*extra):
+        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--seq-len", str(args.seq_len),
+                              *extra], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"benchmark child {extra} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with tempfile.TemporaryDirectory(prefix="resq-bench-") as folder:
+        result = {"model": args.model, "windows": args.windows, "seq_len": args.seq_len,
+                  "batch_size": args.batch_size,
+                  "checkpoints": child("--child-prepare", folder, "--calib-windows", str(args.calib_windows),
+                                       "--weight-quantizer", args.weight_quantizer)}
+        for path in RUNTIME_PATHS:
+            print(f"   {path}", file=sys.stderr, flush=True)
+            result[path] = child("--child-runtime", path, folder, "--windows", str(args.windows),
+                                 "--batch-size", str(args.batch_size))
+    result["packed_vs_fake_tokens_per_s"] = result["packed"]["tokens_per_s"] / result["fake"]["tokens_per_s"]
+    result["packed_vs_float_tokens_per_s"] = result["packed"]["tokens_per_s"] / result["float"]["tokens_per_s"]
+    return result
+
+
 def hadamard() -> dict:
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import bench_hadamard
@@ -118,10 +210,22 @@ def main(argv=None) -> int:
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "benchmark.json"))
+    p.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default="rtn",
+                   help="ResQ's weight quantizer for the packed section (default %(default)s)")
     p.add_argument("--child-stages", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-prepare", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--child-runtime", nargs=2, metavar=("PATH", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_stages:
         print(json.dumps(stages(args.model, args.calib_windows, args.eval_windows, args.seq_len)))
+        return 0
+    if args.child_prepare:
+        print(json.dumps(packed_prepare(args.model, args.calib_windows, args.seq_len, args.child_prepare,
+                                        args.weight_quantizer)))
+        return 0
+    if args.child_runtime:
+        path, folder = args.child_runtime
+        print(json.dumps(runtime_path(path, args.model, folder, args.windows, args.seq_len, args.batch_size)))
         return 0
     sections = args.section or list(SECTIONS)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": sys.platform}}
@@ -138,6 +242,8 @@ def main(argv=None) -> int:
                                   str(args.eval_windows), "--seq-len", str(args.seq_len)],
                                  capture_output=True, text=True, check=True)
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        elif name == "packed":
+            results[name] = packed_section(args)
         elif name == "hadamard":
             try:
                 results[name] = hadamard()

@@ -22,11 +22,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(p)
     p.add_argument("--checkpoint", default=None,
-                   help="a folder written by scripts/quantize.py --out: evaluate that quantized model")
+                   help="a folder written by scripts/quantize.py --out: evaluate that quantized model through "
+                        "the packed-integer runtime (generation with a quantized KV cache); with --model too, "
+                        "the checkpoint must come from that model")
     cli.add_eval_args(p)
     p.add_argument("--prompt", default=None, help="greedily continue this prompt and print the text")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate for --prompt")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. only generate)")
+    p.set_defaults(model=None)  # None: the default model, or the checkpoint's own
     return p.parse_args(argv)
 
 
@@ -44,30 +47,42 @@ def run(args) -> int:
     from models.decoder import IDENTITY, from_weights
 
     t0 = time.perf_counter()
+    new_cache = None  # (positions) -> an empty generation cache; None: the float cache
     if args.checkpoint:
-        from resq_jax.checkpoint import load_fake_quant
+        from resq_jax.checkpoint import LoadedPacked, load_checkpoint
+        from resq_jax.runtime import init_packed_cache, packed_decoder
 
+        expect = None if args.model is None else cli.load(args.model).config
         try:
-            ckpt = load_fake_quant(args.checkpoint)
+            ckpt = load_checkpoint(args.checkpoint, expect_config=expect)
         except (ValueError, FileNotFoundError) as e:
             raise cli.UserError(str(e)) from None
-        config, weights, hooks, tokenizer = ckpt.config, ckpt.weights, ckpt.hooks, ckpt.tokenizer
-        source, method, qconfig = ckpt.source, ckpt.qconfig["method"], ckpt.qconfig
+        tokenizer, source = ckpt.tokenizer, ckpt.source
+        if isinstance(ckpt, LoadedPacked):
+            pm = ckpt.model
+            config, hooks, qconfig, model = pm.config, pm.hooks, pm.qconfig, packed_decoder(pm)
+            new_cache = lambda n: init_packed_cache(pm.config, pm.spec, 1, n)  # noqa: E731
+        else:  # an older fake-quant checkpoint
+            config, hooks, qconfig = ckpt.config, ckpt.hooks, ckpt.qconfig
+            model = from_weights(config, ckpt.weights)
+        method = qconfig["method"]
     else:
-        loaded = cli.load(args.model)
-        config, weights, hooks, tokenizer = loaded.config, loaded.weights, IDENTITY, loaded.tokenizer
+        loaded = cli.load(args.model or cli.DEFAULT_MODEL)
+        config, hooks, tokenizer = loaded.config, IDENTITY, loaded.tokenizer
         source, method, qconfig = loaded.source, "none", {}
+        model = from_weights(config, loaded.weights)
     if tokenizer is None:
         raise cli.UserError("the model has no tokenizer files; add them to its folder")
     log(f"loaded {source} in {time.perf_counter() - t0:.1f}s")
     evals = {} if args.no_ppl else cli.eval_sets(tokenizer, args.eval_text, args.eval_windows, args.eval_seq_len)
-    model = from_weights(config, weights)
 
     if args.prompt is not None:
         from resq_jax.evaluation import generate_greedy
 
         ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-        new = generate_greedy(model, ids, args.max_new_tokens, hooks=hooks, eos_token_id=config.eos_token_id)
+        cache = None if new_cache is None else new_cache(len(ids) + args.max_new_tokens)
+        new = generate_greedy(model, ids, args.max_new_tokens, hooks=hooks, eos_token_id=config.eos_token_id,
+                              cache=cache)
         print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
 
     if evals:

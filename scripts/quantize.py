@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_eval_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of calibration windows and random rotations")
     p.add_argument("--out", default=None,
-                   help="save the last quantized model (weights, projections, config) to this folder")
+                   help="save the last method's quantized model, packed (int4/int8 codes, scales, projections, "
+                        "config, tokenizer), to this folder; scripts/evaluate.py --checkpoint runs it")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
     return p.parse_args(argv)
 
@@ -91,6 +92,15 @@ def run(args) -> int:
         raise cli.UserError(str(e)) from None
     if args.out and os.path.exists(args.out) and not args.force:
         raise cli.UserError(f"--out {args.out} already exists; pass --force to overwrite it or choose another folder")
+    if args.out:
+        from resq_jax.checkpoint import CheckpointError, check_target
+        from resq_jax.runtime import PackError, check_packable_config
+
+        try:
+            check_target(args.out, args.force)
+            check_packable_config(configs[-1])
+        except (CheckpointError, PackError) as e:
+            raise cli.UserError(f"--out {args.out}: {e}") from None
     from resq_jax.methods import check_hadamard_sizes, check_rank, uses_gptq
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -145,10 +155,11 @@ def run(args) -> int:
                                                     "seq_len": args.calib_seq_len, "seed": args.seed},
                                           "eval": {"windows": args.eval_windows, "seq_len": args.eval_seq_len}})
     if args.out:
-        from resq_jax.checkpoint import save_fake_quant
+        from resq_jax.checkpoint import save_packed
+        from resq_jax.runtime import pack_model
 
-        save_fake_quant(args.out, last, loaded, force=args.force)
-        log(f"saved {last.qconfig.method} to {args.out}")
+        save_packed(args.out, pack_model(last), tokenizer=loaded.tokenizer, source=loaded.source, force=args.force)
+        log(f"saved {last.qconfig.method} (packed) to {args.out}")
     return 0
 
 

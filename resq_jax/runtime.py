@@ -1,0 +1,493 @@
+"""Packed-integer inference: the quantized model made real (REFERENCE.md sections 3 and 8).
+
+``pack_model(qm)`` turns a fake-quant ``methods.QuantizedModel`` into a ``PackedModel`` (integer
+weight codes packed, scales, column sums); ``packed_decoder(pm)`` builds the ordinary
+``models.decoder.Decoder`` whose seven linears per layer are ``PackedLinear`` modules, run with
+``PackedHooks(pm.spec)`` and, for generation, the quantized K/V cache of
+``init_packed_cache``.
+
+A packed linear ``y = x @ w + bias``, ``x: [M, K]``, ``w: [K, N]``: K is cut in G groups of
+K / G channels (G = 1 for q/k/v/gate/up/down; G = heads for o_proj, whose input is quantized per
+(token, head)), each group in a low block (its first K/G - r channels) and a high block (its
+last r). The activation codes come from ``quantizers.quantize_mixed`` (the fake-quant numerics
+exactly), shifted to the signed grid (``packing.signed_shift``); the weight codes are the
+quantizer's own (``QuantizedModel.codes``). Per block b:
+
+    acc_b[g, m, n] = sum_k xq_b[m, g, k] wq_b[g, k, n]        int8 x int8 -> int32 (lax.dot_general)
+    c_b[g, m, n]   = acc_b - int32(z_b[m, g]) colsum_b[g, n]  int32, exactly sum_k (q - z) wq
+    y[m, n]        = sum_b sum_g (s_b[m, g] sw_b[n]) float32(c_b[g, m, n]) + bias[n]
+
+Weights with at most 4 bits are stored two per byte along K (packing.py: low nibble = even
+index) and unpacked to int8 inside the jitted graph; 5..8-bit blocks are int8. This is the CPU
+path (XLA's integer dot); the epilogue's order matches resq_jax.kernels.mixed_gemm's reference.
+
+What stays as in the fake-quant model: embeddings and lm_head (stored in 16 bits, computed in
+float32), RMSNorm, RoPE, Q, softmax and P.V in float32. ResQ's int8 model of the online key
+rotation (q/k fake-quantized to 8 bits per (token, head) at the q_rope/k_rope sites, times the
+fake-quantized int8 rotation) is kept identical to the fake path: a float product of
+dequantized values, so K's codes equal the fake path's. The K/V cache holds codes (low block
+packed when <= 4 bits, high block int8, per (token, head) scale and zero of each block) and is
+dequantized inside attention, which reproduces the fake-quant K/V exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from models.config import ModelConfig
+from models.decoder import Decoder
+from resq_jax.fake_quant import LINEARS, OFF, ActivationSpec, FakeQuantHooks
+from resq_jax.packing import pack_int4, pack_int4_np, signed_shift, unpack_int4
+from resq_jax.quantizers import WeightCodes, dequantize_weight, quantize_mixed
+
+__all__ = ["PackError", "check_packable_config", "ActQuant", "LinearLayout", "PackedLinear", "PackedHooks", "KVCodes",
+           "QuantizedKVCache", "PackedModel", "pack_model", "packed_decoder", "init_packed_cache",
+           "linear_accumulators", "quantize_input", "LINEAR_INPUT_SITES"]
+
+_F32 = jnp.float32
+LINEAR_INPUT_SITES = ("attn_in", "mlp_in", "o_in", "down_in")  # quantized inside the packed linears
+BLOCKS = ("low", "high")
+
+
+class PackError(ValueError):
+    """A QuantizedModel the packed runtime cannot represent; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# static layouts
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
+    """Per-token asymmetric quantizer of a packed linear's input ``x: [..., K]`` (quantize_mixed's
+    arguments): groups of ``group`` channels (None: one group of K), in each group the last
+    ``high`` channels in ``high_bits`` and the others in ``low_bits``."""
+
+    low_bits: int
+    high_bits: int
+    high: int
+    group: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLayout:
+    """Static layout of one kind of packed linear (the same in every layer).
+
+    ``w: [d_in, d_out]`` in ``groups`` groups of ``low_rows + high_rows`` input rows; the weight
+    blocks have ``w_low_bits`` / ``w_high_bits`` (a block of <= 4 bits is stored packed)."""
+
+    d_in: int
+    d_out: int
+    groups: int
+    low_rows: int
+    high_rows: int
+    w_low_bits: int
+    w_high_bits: int
+    act: ActQuant
+
+    def rows(self, block: str) -> int:
+        return self.low_rows if block == "low" else self.high_rows
+
+    def bits(self, block: str) -> int:
+        return self.w_low_bits if block == "low" else self.w_high_bits
+
+    def stored_shape(self, block: str) -> tuple[int, int, int]:
+        """Shape of the stored int8 codes of a block: [G, rows (halved, rounded up, if packed), N]."""
+        rows = self.rows(block)
+        return self.groups, (rows + 1) // 2 if self.bits(block) <= 4 else rows, self.d_out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LinearLayout":
+        d = dict(d)
+        return cls(**{**d, "act": ActQuant(**d["act"])})
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions over arrays
+# ----------------------------------------------------------------------------------------------
+def pack_block_np(q: np.ndarray, bits: int) -> np.ndarray:
+    """q: int8 [G, rows, N] codes -> stored int8: packed two per byte along rows (a zero row
+    appended when rows is odd) when bits <= 4, else unchanged."""
+    if bits > 4:
+        return np.ascontiguousarray(q, dtype=np.int8)
+    if q.shape[1] % 2:
+        q = np.concatenate([q, np.zeros_like(q[:, :1])], axis=1)
+    return pack_int4_np(q, axis=1)
+
+
+def unpack_block(p: jax.Array, rows: int, bits: int) -> jax.Array:
+    """Stored codes [G, rows', N] -> int8 [G, rows, N] (inverse of pack_block_np, in the graph)."""
+    return unpack_int4(p, axis=1)[:, :rows] if bits <= 4 else p
+
+
+def quantize_input(x: jax.Array, act: ActQuant) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
+    """x: [M, K] -> {block: (q int8 [M, G, n] signed codes, scale f32 [M, G], zero f32 [M, G]
+    signed zero point)} for the non-empty blocks, codes of quantizers.quantize_mixed."""
+    codes = quantize_mixed(x, act.low_bits, act.high_bits, act.high, act.group)
+    out = {}
+    for name, block, bits in (("low", codes.low, act.low_bits), ("high", codes.high, act.high_bits)):
+        if block is not None:
+            q, zero = signed_shift(block.q, block.zero, bits)
+            out[name] = (q, block.scale[..., 0], zero[..., 0])
+    return out
+
+
+def block_accumulator(xq: jax.Array, zero: jax.Array, wq: jax.Array, colsum: jax.Array) -> jax.Array:
+    """Zero-point-corrected integer accumulator of one block, exact in int32.
+
+    xq: int8 [M, G, n]; zero: f32 [M, G] (integer-valued); wq: int8 [G, n, N]; colsum: int32
+    [G, N] -> int32 [G, M, N] = sum_k (xq - zero) wq."""
+    if xq.shape[1] == 1:  # one group: a plain 2-D integer GEMM
+        acc = lax.dot_general(xq[:, 0], wq[0], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)[None]
+    else:
+        acc = lax.dot_general(xq, wq, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)
+    return acc - zero.astype(jnp.int32).T[:, :, None] * colsum[:, None, :]
+
+
+def block_output(c: jax.Array, scale_x: jax.Array, scale_w: jax.Array) -> jax.Array:
+    """c: int32 [G, M, N]; scale_x: f32 [M, G]; scale_w: f32 [N] -> f32 [M, N] =
+    sum_g (scale_x[m, g] * scale_w[n]) * float32(c[g, m, n])."""
+    return jnp.sum((scale_x.T[:, :, None] * scale_w[None, None, :]) * c.astype(_F32), axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the packed linear
+# ----------------------------------------------------------------------------------------------
+class Packed(nnx.Variable):
+    """Packed integer codes and their float scales (not trainable)."""
+
+
+def _var(a):
+    return nnx.data(None if a is None else Packed(jnp.asarray(a)))
+
+
+class PackedLinear(nnx.Module):
+    """A decoder linear on integer codes (module docstring). Arrays, for each block b in
+    (low, high) present in the layout: ``w_b`` stored int8 codes (LinearLayout.stored_shape),
+    ``scale_b`` f32 [N], ``colsum_b`` int32 [G, N]; ``bias`` f32 [N] or None."""
+
+    def __init__(self, layout: LinearLayout, arrays: Mapping[str, np.ndarray]):
+        self.layout = layout
+        for b in BLOCKS:
+            present = layout.rows(b) > 0
+            for f in ("w", "scale", "colsum"):
+                setattr(self, f"{f}_{b}", _var(arrays[f"{f}_{b}"] if present else None))
+        self.bias = _var(arrays.get("bias"))
+
+    def accumulators(self, x: jax.Array) -> tuple[dict[str, jax.Array], dict]:
+        """x: [M, K] float -> ({block: int32 [G, M, N] zero-corrected accumulators}, the input's
+        codes from quantize_input)."""
+        lay = self.layout
+        codes = quantize_input(x, lay.act)
+        accs = {}
+        for b, (xq, _, zero) in codes.items():
+            wq = unpack_block(getattr(self, f"w_{b}")[...], lay.rows(b), lay.bits(b))
+            accs[b] = block_accumulator(xq, zero, wq, getattr(self, f"colsum_{b}")[...])
+        return accs, codes
+
+    def __call__(self, x: jax.Array, hooks=None) -> jax.Array:
+        """x: [..., K] -> y: [..., N] (computed in float32, returned in x's dtype)."""
+        lead = x.shape[:-1]
+        accs, codes = self.accumulators(x.reshape(-1, x.shape[-1]))
+        y = None
+        for b, c in accs.items():
+            term = block_output(c, codes[b][1], getattr(self, f"scale_{b}")[...])
+            y = term if y is None else y + term
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.reshape(*lead, self.layout.d_out).astype(x.dtype)
+
+
+def linear_accumulators(lin: PackedLinear, x: jax.Array) -> dict[str, np.ndarray]:
+    """Jitted integer accumulators of a packed linear on x: [M, K]: {block: int32 [G, M, N]}."""
+    graphdef, state = nnx.split(lin)
+    return {k: np.asarray(v) for k, v in _accumulators(graphdef, state, x).items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _accumulators(graphdef, state, x):
+    return nnx.merge(graphdef, state).accumulators(x)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# hooks and the quantized K/V cache
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PackedHooks(FakeQuantHooks):
+    """The fake-quant hooks minus the linear inputs (attn_in, mlp_in, o_in, down_in), which the
+    packed linears quantize themselves. q_rope/k_rope and k/v (without a quantized cache) keep
+    the fake numerics, which the integer codes reproduce exactly."""
+
+    def __call__(self, site: str, x: jnp.ndarray) -> jnp.ndarray:
+        if site in LINEAR_INPUT_SITES:
+            return x
+        return super().__call__(site, x)
+
+
+def _pytree_dataclass(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    meta = [f.name for f in fields if f.metadata.get("static", False)]
+    data = [f.name for f in fields if not f.metadata.get("static", False)]
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+
+
+@_pytree_dataclass
+class KVCodes:
+    """Codes of k or v: [B, S, KV, hd] per (token, head): the first hd - r channels in
+    ``low_bits`` (packed two per byte when <= 4 bits), the last r in ``high_bits``.
+
+    low:   int8 [B, S, KV, ceil((hd - r) / 2)] (or [B, S, KV, hd - r] when low_bits > 4)
+    high:  int8 [B, S, KV, r]
+    scale: f32 [B, S, KV, nb]   nb = 2 (low, high), 1 when r = 0
+    zero:  f32 [B, S, KV, nb]   signed zero points (zero - 2^(bits-1))
+    """
+
+    low: jax.Array
+    high: jax.Array
+    scale: jax.Array
+    zero: jax.Array
+
+
+def quantize_kv(x: jax.Array, low_bits: int, high_bits: int, high: int) -> KVCodes:
+    """x: [B, T, KV, hd] -> KVCodes, the codes of quantizers.quantize_mixed(x, ...) (one group per head)."""
+    codes = quantize_mixed(x, low_bits, high_bits, high)
+    q_lo, z_lo = signed_shift(codes.low.q[..., 0, :], codes.low.zero[..., 0, :], low_bits)
+    if low_bits <= 4:
+        if q_lo.shape[-1] % 2:
+            q_lo = jnp.concatenate([q_lo, jnp.zeros_like(q_lo[..., :1])], axis=-1)
+        q_lo = pack_int4(q_lo, axis=-1)
+    scales, zeros = [codes.low.scale[..., 0, :]], [z_lo]
+    q_hi = jnp.zeros((*x.shape[:-1], 0), jnp.int8)
+    if high:
+        q_hi, z_hi = signed_shift(codes.high.q[..., 0, :], codes.high.zero[..., 0, :], high_bits)
+        scales.append(codes.high.scale[..., 0, :])
+        zeros.append(z_hi)
+    return KVCodes(low=q_lo, high=q_hi, scale=jnp.concatenate(scales, -1), zero=jnp.concatenate(zeros, -1))
+
+
+def dequantize_kv(c: KVCodes, low_bits: int, head_dim: int) -> jax.Array:
+    """KVCodes -> f32 [B, S, KV, hd]: (q - zero) * scale per block (bitwise the fake-quant values)."""
+    n_low = head_dim - c.high.shape[-1]
+    q_lo = unpack_int4(c.low, axis=-1)[..., :n_low] if low_bits <= 4 else c.low
+    parts = [(q_lo.astype(_F32) - c.zero[..., :1]) * c.scale[..., :1]]
+    if c.high.shape[-1]:
+        parts.append((c.high.astype(_F32) - c.zero[..., 1:]) * c.scale[..., 1:])
+    return jnp.concatenate(parts, axis=-1)
+
+
+@_pytree_dataclass
+class QuantizedKVCache:
+    """One layer's K/V cache held as codes (KVCodes of k after the key rotation, and of v) for
+    ``max_len`` positions; ``write`` is what models.decoder calls for a non-dict cache."""
+
+    k: KVCodes
+    v: KVCodes
+    low_bits: int = dataclasses.field(metadata={"static": True})
+    high_bits: int = dataclasses.field(metadata={"static": True})
+    high: int = dataclasses.field(metadata={"static": True})
+
+    def write(self, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array, "QuantizedKVCache"]:
+        """k, v: [B, T, KV, hd] (unquantized) at positions index.. -> (k_all, v_all: f32 [B, S, KV, hd]
+        dequantized, the updated cache)."""
+        hd = k.shape[-1]
+        new = {}
+        for name, x in (("k", k), ("v", v)):
+            codes = quantize_kv(x, self.low_bits, self.high_bits, self.high)
+            old = getattr(self, name)
+            new[name] = jax.tree.map(lambda a, u: lax.dynamic_update_slice(a, u, (0, index, 0, 0)), old, codes)
+        cache = dataclasses.replace(self, **new)
+        return (dequantize_kv(cache.k, self.low_bits, hd).astype(k.dtype),
+                dequantize_kv(cache.v, self.low_bits, hd).astype(v.dtype), cache)
+
+
+def init_packed_cache(config: ModelConfig, spec: ActivationSpec, batch: int, max_len: int) -> list:
+    """Empty quantized K/V cache per layer (a float cache from models.decoder.init_cache when the
+    KV cache is not quantized, kv_bits >= 16)."""
+    from models.decoder import init_cache
+
+    if spec.kv_bits >= OFF:
+        return init_cache(config, batch, max_len)
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    empty = jax.eval_shape(lambda: quantize_kv(jnp.zeros(shape, _F32), spec.kv_bits, spec.high_bits, spec.high_head))
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), empty)  # noqa: E731
+    return [QuantizedKVCache(k=zeros(), v=zeros(), low_bits=spec.kv_bits, high_bits=spec.high_bits,
+                             high=spec.high_head) for _ in range(config.num_layers)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the packed model
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PackedModel:
+    """A quantized model in packed form: everything the packed runtime and a checkpoint need.
+
+    arrays:     flat {name: np.ndarray}: float ``embed`` / ``lm_head`` (16-bit), ``norm``,
+                ``layers.{i}.attn_norm`` / ``mlp_norm`` / ``key_rotation`` (float32), and per linear
+                ``layers.{i}.{name}.{w,scale,colsum}_{low,high}`` and ``.bias``
+    layouts:    {linear name: LinearLayout}, the same in every layer
+    spec:       the activation / KV quantizers (ActivationSpec)
+    down_hadamard: size of the online down_proj Hadamard (0: none)
+    qconfig:    the QuantConfig as a dict
+    transforms: the recipe's projections (float32; residual [d, d], value [L, KV, hd, hd],
+                key [L, hd, hd]) for inspection and reuse; the runtime does not need them
+    """
+
+    config: ModelConfig
+    arrays: dict[str, np.ndarray]
+    layouts: dict[str, LinearLayout]
+    spec: ActivationSpec
+    down_hadamard: int
+    qconfig: dict
+    transforms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def hooks(self) -> PackedHooks:
+        return PackedHooks(self.spec)
+
+    def linear_arrays(self, i: int, name: str) -> dict[str, np.ndarray]:
+        prefix = f"layers.{i}.{name}."
+        return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
+
+
+def _layouts(config: ModelConfig, spec: ActivationSpec, codes: Mapping[str, WeightCodes]) -> dict[str, LinearLayout]:
+    hd, heads = config.head_dim, config.num_heads
+    out = {}
+    for name in LINEARS:
+        c = codes[f"layers.0.{name}"]
+        d_in, d_out = c.q_low.shape[0] + c.q_high.shape[0], c.q_low.shape[1]
+        if name == "o":
+            groups, act = heads, ActQuant(spec.a_bits, spec.high_bits, spec.high_head, hd)
+        elif name == "down":
+            groups, act = 1, ActQuant(spec.down_bits, OFF, 0)
+        else:
+            groups, act = 1, ActQuant(spec.a_bits, spec.high_bits, spec.high_residual)
+        high_rows = c.q_high.shape[0] // groups
+        if c.q_high.shape[0] != groups * act.high:
+            raise PackError(f"{name}: the weights have {c.q_high.shape[0]} high rows for {groups} group(s), the "
+                            f"activations {act.high} high channels per group: quantize weights and activations "
+                            "with the same --high-fraction")
+        out[name] = LinearLayout(d_in=d_in, d_out=d_out, groups=groups, low_rows=d_in // groups - high_rows,
+                                 high_rows=high_rows, w_low_bits=c.low_bits, w_high_bits=c.high_bits, act=act)
+    return out
+
+
+def check_packable_config(qc) -> None:
+    """Raise PackError, before any work, when a methods.QuantConfig gives a model the packed
+    runtime cannot represent (pack_model checks the model itself again)."""
+    recipe = qc.recipe
+    if not recipe.quantize or qc.w_bits >= OFF:
+        raise PackError(f"method {qc.method!r} with w_bits={qc.w_bits} leaves the weights in float: nothing to pack")
+    if getattr(recipe, "formats", "int") != "int":
+        raise PackError(f"method {qc.method!r} uses MXINT formats; the packed runtime runs the integer recipes "
+                        "(rtn, gptq, quarot, resq) only")
+    if getattr(qc, "rank_used", 0):
+        raise PackError(f"method {qc.method!r} has a low-rank (LQER) correction, which the packed runtime does not "
+                        "implement yet")
+    if qc.a_bits >= OFF or (qc.fraction > 0 and qc.high_bits >= OFF):
+        raise PackError(f"the packed runtime needs integer activations (a_bits={qc.a_bits}, "
+                        f"high_bits={qc.high_bits}); use --a-bits and --high-bits in 2..8")
+
+
+def _check_packable(qm) -> ActivationSpec:
+    hooks = qm.hooks
+    if type(hooks) is not FakeQuantHooks:
+        raise PackError(f"method {qm.qconfig.method!r} uses {type(hooks).__name__}; the packed runtime runs the "
+                        "integer recipes (rtn, gptq, quarot, resq) only")
+    spec = hooks.spec
+    if any(k.endswith("_lr_a") for k in qm.weights):
+        raise PackError(f"method {qm.qconfig.method!r} has a low-rank (LQER) correction, which the packed runtime "
+                        "does not implement yet: evaluate it with fake quantization")
+    if not qm.codes:
+        raise PackError("the model's weights are not quantized (w_bits 16 or method 'none'): nothing to pack")
+    bad = [f"{n}={getattr(spec, n)}" for n in ("a_bits", "down_bits") if getattr(spec, n) >= OFF]
+    if spec.high_residual or spec.high_head:
+        bad += [f"high_bits={spec.high_bits}"] if spec.high_bits >= OFF else []
+    if bad:
+        raise PackError(f"the packed runtime needs integer activations: {', '.join(bad)}; quantize with "
+                        "--a-bits and --high-bits in 2..8")
+    return spec
+
+
+def _linear_codes(config: ModelConfig, lay: LinearLayout, codes: WeightCodes, w_fake: np.ndarray, key: str,
+                  bias: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Pack one linear's WeightCodes (rows in linear_high_rows order) after checking that they are
+    the codes of the fake-quant weights ``w_fake: [d_in, d_out]``."""
+    from resq_jax.fake_quant import head_high_last_permutation
+
+    if codes.group_size is not None:
+        raise PackError(f"{key}: weights quantized with group_size={codes.group_size}; the packed runtime has "
+                        "one scale per output column and block")
+    deq = np.asarray(dequantize_weight(codes))
+    perm = (head_high_last_permutation(config.num_heads, config.head_dim, lay.high_rows)
+            if key.endswith(".o") and lay.high_rows else None)
+    if not np.array_equal(deq, w_fake if perm is None else w_fake[perm]):
+        raise PackError(f"{key}: the weight codes do not dequantize to the model's weights (were the weights "
+                        "changed after quantization?); re-run quantize_model")
+    g, n = lay.groups, lay.d_out
+    out = {}
+    for b, q, scale in (("low", codes.q_low, codes.scale_low), ("high", codes.q_high, codes.scale_high)):
+        if lay.rows(b) == 0:
+            continue
+        q = np.asarray(q, np.int8).reshape(g, lay.rows(b), n)
+        out[f"w_{b}"] = pack_block_np(q, lay.bits(b))
+        out[f"scale_{b}"] = np.asarray(scale, np.float32).reshape(n)
+        out[f"colsum_{b}"] = q.sum(axis=1, dtype=np.int32)
+    if bias is not None:
+        out["bias"] = np.asarray(bias, np.float32)
+    return out
+
+
+def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
+    """A fake-quant methods.QuantizedModel -> PackedModel (integer recipes, weights quantized,
+    integer activations; see PackError). Embeddings and lm_head are stored in ``embed_dtype``
+    (16 bits, REFERENCE.md section 3; np.float32 keeps the fake path's values exactly)."""
+    spec = _check_packable(qm)
+    config, w = qm.config, qm.weights
+    layouts = _layouts(config, spec, qm.codes)
+    arrays: dict[str, np.ndarray] = {"embed": np.asarray(w["embed"]).astype(embed_dtype),
+                                     "norm": np.asarray(w["norm"], np.float32)}
+    if "lm_head" in w:
+        arrays["lm_head"] = np.asarray(w["lm_head"]).astype(embed_dtype)
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        for k in ("attn_norm", "mlp_norm", "key_rotation"):
+            if p + k in w:
+                arrays[p + k] = np.asarray(w[p + k], np.float32)
+        for name in LINEARS:
+            key = p + name
+            packed = _linear_codes(config, layouts[name], qm.codes[key], np.asarray(w[key], np.float32), key,
+                                   w.get(key + "_bias"))
+            arrays.update({f"{key}.{f}": a for f, a in packed.items()})
+    hadamard = {int(w.get(f"layers.{i}.down_hadamard", 0) or 0) for i in range(config.num_layers)}
+    if len(hadamard) != 1:
+        raise PackError(f"layers disagree on the down_proj Hadamard size ({sorted(hadamard)})")
+    transforms = {k: np.asarray(v, np.float32) for k, v in dataclasses.asdict(qm.transforms).items()
+                  if isinstance(v, np.ndarray)}
+    return PackedModel(config=config, arrays=arrays, layouts=layouts, spec=spec, down_hadamard=hadamard.pop(),
+                       qconfig=qm.qconfig.to_dict(), transforms=transforms)
+
+
+def packed_decoder(pm: PackedModel) -> Decoder:
+    """The models.decoder.Decoder of a PackedModel (float params in float32, PackedLinear linears);
+    run it with ``pm.hooks`` (and ``init_packed_cache`` for generation)."""
+    from models.decoder import from_weights
+
+    weights: dict = {k: np.asarray(v, np.float32) for k, v in pm.arrays.items()
+                     if k in ("embed", "lm_head", "norm") or k.rsplit(".", 1)[-1] in ("attn_norm", "mlp_norm",
+                                                                                        "key_rotation")}
+    for i in range(pm.config.num_layers):
+        if pm.down_hadamard:
+            weights[f"layers.{i}.down_hadamard"] = pm.down_hadamard
+        for name in LINEARS:
+            weights[f"layers.{i}.{name}"] = PackedLinear(pm.layouts[name], pm.linear_arrays(i, name))
+    return from_weights(pm.config, weights)

@@ -1,0 +1,272 @@
+"""Packed checkpoints: bit-identical round trip, atomic writes (kill -9 mid-save), clear errors for
+bad input with nothing overwritten; the older fake-quant format still loads."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
+from models.decoder import from_weights
+from models.loaders import load_model
+from resq_jax.checkpoint import (FORMAT, CheckpointError, load_checkpoint, load_packed, save_fake_quant,
+                                 save_packed)
+from resq_jax.methods import QuantConfig, quantize_model
+from resq_jax.runtime import pack_model, packed_decoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model(kind, tmp_path_factory, seed=5):
+    cfg = tiny_llama_config(tied=True, llama3=True) if kind == "llama" else tiny_qwen2_config(tied=False)
+    folder = tmp_path_factory.mktemp(kind)
+    build_torch_model(cfg, seed=seed).save_pretrained(folder)
+    return load_model(str(folder), with_tokenizer=False)
+
+
+def _quantized(m, seed=0):
+    calib = np.random.default_rng(seed).integers(0, m.config.vocab_size, (8, 32))
+    return quantize_model(m.config, m.weights, QuantConfig(method="resq", weight_quantizer="rtn", seed=seed), calib,
+                          progress=False)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    m = _model("qwen2", tmp_path_factory)
+    qm = _quantized(m)
+    return m, qm, pack_model(qm)
+
+
+@pytest.fixture(scope="module")
+def llama_packed(tmp_path_factory):
+    return pack_model(_quantized(_model("llama", tmp_path_factory)))
+
+
+TOKENS = np.random.default_rng(11).integers(0, 128, (2, 20))
+
+
+def _logits(pm):
+    return np.asarray(packed_decoder(pm)(jnp.asarray(TOKENS), hooks=pm.hooks)[0])
+
+
+@pytest.fixture(scope="module")
+def saved(qwen, tmp_path_factory):
+    _, _, pm = qwen
+    path = tmp_path_factory.mktemp("ck") / "resq"
+    save_packed(path, pm, source="tiny-qwen2")
+    return path
+
+
+def _copy(saved, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(saved, dst)
+    return dst
+
+
+def test_round_trip_bit_identical(qwen, saved):
+    _, _, pm = qwen
+    loaded = load_packed(saved)
+    assert loaded.source == "tiny-qwen2" and loaded.tokenizer is None
+    back = loaded.model
+    assert back.layouts == pm.layouts and back.spec == pm.spec and back.config == pm.config
+    assert back.down_hadamard == pm.down_hadamard and back.qconfig["method"] == "resq"
+    for k, a in pm.arrays.items():
+        assert back.arrays[k].dtype == a.dtype and np.array_equal(back.arrays[k], a), k
+    assert set(back.transforms) == {"residual", "value", "key"}
+    np.testing.assert_array_equal(_logits(back), _logits(pm))
+    meta = json.loads((saved / "meta.json").read_text())
+    assert meta["format"] == FORMAT and meta["version"] == 1
+    assert meta["arrays"]["layers.0.q.w_low"]["dtype"] == "int8"
+
+
+def test_existing_target_is_not_overwritten(qwen, saved, tmp_path):
+    _, _, pm = qwen
+    dst = _copy(saved, tmp_path)
+    before = (dst / "meta.json").read_text()
+    with pytest.raises(CheckpointError, match="already exists.*force"):
+        save_packed(dst, pm)
+    assert (dst / "meta.json").read_text() == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="not a resq-jax checkpoint"):
+        save_packed(mine, pm, force=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+    save_packed(dst, pm, force=True)  # --force replaces a checkpoint
+    load_packed(dst)
+    assert not list(tmp_path.glob(".copy.*"))  # no staging or old folders left behind
+
+
+def test_incompatible_version_and_format(saved, tmp_path):
+    dst = _copy(saved, tmp_path)
+    meta = json.loads((dst / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps({**meta, "version": 2}))
+    with pytest.raises(CheckpointError, match="version 2.*newer resq-jax.*quantize.py --out"):
+        load_packed(dst)
+    (dst / "meta.json").write_text(json.dumps({**meta, "format": "something-else"}))
+    with pytest.raises(CheckpointError, match="format 'something-else'"):
+        load_packed(dst)
+    (dst / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="meta.json is corrupt"):
+        load_packed(dst)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_packed(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete"):
+        load_packed(tmp_path / "empty")
+
+
+def test_different_model(saved, llama_packed, tmp_path):
+    with pytest.raises(CheckpointError, match="different model.*arch 'qwen2' vs 'llama'"):
+        load_packed(saved, expect_config=llama_packed.config)
+    # the arrays/ folder of another model's checkpoint under this meta.json
+    other = tmp_path / "llama"
+    save_packed(other, llama_packed)
+    dst = _copy(saved, tmp_path)
+    shutil.rmtree(dst / "arrays")
+    shutil.copytree(other / "arrays", dst / "arrays")
+    with pytest.raises(CheckpointError, match="belongs to another checkpoint|does not match|checksum"):
+        load_packed(dst)
+
+
+def test_mismatched_shapes(saved, tmp_path):
+    dst = _copy(saved, tmp_path)
+    meta = json.loads((dst / "meta.json").read_text())
+    bad = json.loads(json.dumps(meta))
+    bad["config"]["intermediate_size"] = 128
+    (dst / "meta.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="gate layout.*model config needs"):
+        load_packed(dst)
+    bad = json.loads(json.dumps(meta))
+    bad["arrays"]["layers.0.q.w_low"]["shape"] = [1, 7, 64]
+    (dst / "meta.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="layers.0.q.w_low"):
+        load_packed(dst)
+
+
+def test_truncated_file(saved, tmp_path):
+    dst = _copy(saved, tmp_path)
+    files = sorted((p for p in (dst / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    big = files[-1]
+    data = big.read_bytes()
+    big.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged|checksum|truncated"):
+        load_packed(dst)
+    mid = len(data) // 2
+    big.write_bytes(data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:])  # same size, one byte flipped
+    with pytest.raises(CheckpointError):
+        load_packed(dst)
+
+
+CHILD = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+from resq_jax.checkpoint import load_packed, save_packed
+pm = load_packed({src!r}).model
+print("go", flush=True)
+save_packed({dst!r}, pm, force=True)
+print("done", flush=True)
+"""
+
+
+def _save_and_kill(src: Path, dst: Path, delay: float) -> int:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(root=ROOT, src=str(src), dst=str(dst))],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "go"
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+def _which(path: Path, candidates: dict) -> str:
+    """Load ``path`` and say which candidate checkpoint (by array manifest) it is."""
+    load_packed(path)  # must load completely
+    manifest = json.loads((path / "meta.json").read_text())["arrays"]
+    return next(name for name, m in candidates.items() if m == manifest)
+
+
+def test_kill_during_save_leaves_old_or_none(saved, llama_packed, tmp_path):
+    """kill -9 a process while it writes: the target is the old checkpoint, the new one, or
+    absent (first save) -- never a folder that half-loads."""
+    new_src = tmp_path / "new"
+    save_packed(new_src, llama_packed)
+    candidates = {"old": json.loads((saved / "meta.json").read_text())["arrays"],
+                  "new": json.loads((new_src / "meta.json").read_text())["arrays"]}
+    killed_mid_write = 0
+    for delay in (0.0, 0.1, 0.3, 0.6, 1.0):
+        dst = tmp_path / f"target-{delay}"
+        shutil.copytree(saved, dst)
+        code = _save_and_kill(new_src, dst, delay)
+        staging = list(tmp_path.glob(f".{dst.name}.partial-*"))
+        if code == -signal.SIGKILL:
+            killed_mid_write += bool(staging) or not (dst / "meta.json").exists()
+        assert dst.exists() or list(tmp_path.glob(f".{dst.name}.old-*")), "neither old nor new checkpoint"
+        if dst.exists():
+            assert _which(dst, candidates) in ("old", "new")
+    # a first save killed: no target, or a complete one
+    first = tmp_path / "first"
+    _save_and_kill(new_src, first, 0.2)
+    if first.exists():
+        assert _which(first, candidates) == "new"
+    else:
+        with pytest.raises(CheckpointError, match="does not exist"):
+            load_packed(first)
+    assert killed_mid_write >= 1, "no kill landed during a write: the test did not exercise the crash"
+    # the next save removes the dead writers' staging folders
+    save_packed(first, llama_packed, force=True)
+    assert not list(tmp_path.glob(".first.partial-*"))
+
+
+def test_fake_quant_format_still_loads(qwen, tmp_path):
+    m, qm, _ = qwen
+
+    class Src:
+        source, tokenizer = "tiny-qwen2", None
+
+    path = save_fake_quant(tmp_path / "fq", qm, Src())
+    ck = load_checkpoint(path)
+    fake = from_weights(qm.config, qm.weights)(jnp.asarray(TOKENS), hooks=qm.hooks)[0]
+    again = from_weights(ck.config, ck.weights)(jnp.asarray(TOKENS), hooks=ck.hooks)[0]
+    np.testing.assert_array_equal(np.asarray(fake), np.asarray(again))
+    with pytest.raises(CheckpointError, match="older fake-quant checkpoint"):
+        load_packed(path)
+
+
+def test_evaluate_cli_bad_checkpoint(saved, tmp_path):
+    dst = _copy(saved, tmp_path)
+    meta = json.loads((dst / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps({**meta, "version": 7}))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--quiet", "--checkpoint",
+                          str(dst)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "version 7" in last and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_checkpoint_cli_round_trip_and_size(tmp_path):
+    """quantize.py --out (ResQ RTN) -> evaluate.py --checkpoint (packed path, --prompt with the
+    quantized KV cache); the checkpoint vs the float16 weights of the same model."""
+    out = tmp_path / "smol"
+    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, timeout=3000,  # noqa
+                                    cwd=ROOT)
+    res = run("scripts/quantize.py", "--quiet", "--method", "resq", "--weight-quantizer", "rtn", "--calib-windows",
+              "8", "--calib-seq-len", "128", "--eval-windows", "2", "--eval-seq-len", "128", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run("scripts/evaluate.py", "--quiet", "--checkpoint", str(out), "--eval-windows", "2", "--eval-seq-len",
+              "128", "--prompt", "The capital of France is", "--max-new-tokens", "8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "The capital of France is" in res.stdout
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "tokenizer" not in p.parts)
+    m = load_model("smollm2", with_tokenizer=False)
+    fp16 = 2 * sum(np.asarray(v).size for v in m.weights.values())
+    print(f"checkpoint {size / 1e6:.1f} MB, float16 weights {fp16 / 1e6:.1f} MB, ratio {fp16 / size:.2f}")
+    assert fp16 / size > 1.5

@@ -1,0 +1,324 @@
+"""Packed-integer runtime == fake quantization: integer accumulators identical to an integer
+reference computed from the fake-quant codes, outputs equal to float rounding, the K/V cache
+codes and their dequantized values identical (tiny random models, two SmolLM2 layers; the whole
+SmolLM2 perplexity check is slow)."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
+from models.decoder import from_weights
+from models.loaders import load_model
+from models.runner import LayerStreamer
+from resq_jax.evaluation import generate_greedy, perplexity
+from resq_jax.fake_quant import LINEARS, OFF, quantize_weight_rtn
+from resq_jax.methods import QuantConfig, quantize_model, weight_spec
+from resq_jax.quantizers import fake_quant_mixed, quantize_mixed
+from resq_jax.runtime import (PackError, dequantize_kv, init_packed_cache, linear_accumulators, pack_model,
+                              packed_decoder, quantize_kv)
+from resq_jax.weight_quantization import rtn_weights_codes
+
+# the site whose (raw) value feeds each linear
+INPUT_SITE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in",
+              "down": "down_in"}
+
+
+def _tiny(kind, tmp_path_factory):
+    cfg = tiny_llama_config(tied=True, llama3=True) if kind == "llama" else tiny_qwen2_config(tied=False)
+    folder = tmp_path_factory.mktemp(kind)
+    build_torch_model(cfg, seed=5).save_pretrained(folder)
+    return load_model(str(folder), with_tokenizer=False)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    return _tiny(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen_tiny(tmp_path_factory):
+    """One model for the checks that need not run on both families (Qwen2: q/k/v biases)."""
+    return _tiny("qwen2", tmp_path_factory)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hooks"))
+def _step(graphdef, state, tokens, cache, index, hooks):
+    """A jitted decoder call with a cache: tokens [B, T] at index.. -> (logits, cache)."""
+    return nnx.merge(graphdef, state)(tokens, hooks=hooks, cache=cache, cache_index=index)
+
+
+def _quantize(m, calib, **kw):
+    kw.setdefault("weight_quantizer", "rtn")
+    return quantize_model(m.config, m.weights, QuantConfig(method=kw.pop("method", "resq"), **kw), calib,
+                          progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_resq(tiny):
+    calib = np.random.default_rng(1).integers(0, tiny.config.vocab_size, (8, 32))
+    qm = _quantize(tiny, calib)
+    return qm, pack_model(qm)
+
+
+def _int_reference(x_site: np.ndarray, act, codes) -> dict[str, np.ndarray]:
+    """int64 [G, M, N] sum_k (q - zero) w from the fake path's own codes (quantize_mixed of the
+    site value, as FakeQuantHooks computes them) and the weight quantizer's WeightCodes."""
+    mc = quantize_mixed(jnp.asarray(x_site), act.low_bits, act.high_bits, act.high)
+    out = {}
+    for b, block, wq in (("low", mc.low, codes.q_low), ("high", mc.high, codes.q_high)):
+        if block is None:
+            continue
+        n = block.q.shape[-1]
+        q = np.asarray(block.q, np.int64).reshape(_tokens(x_site), -1, n)  # [M, G, n]: G = heads for o_in
+        z = np.asarray(block.zero, np.int64).reshape(q.shape[0], q.shape[1], 1)
+        w = np.asarray(wq, np.int64).reshape(q.shape[1], n, -1)
+        out[b] = np.einsum("mgk,gkn->gmn", q - z, w)
+    return out
+
+
+def _tokens(x_site):
+    return int(np.prod(x_site.shape[:2]))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_apply(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)
+
+
+def _apply(module, x) -> np.ndarray:
+    return np.asarray(_jit_apply(*nnx.split(module), jnp.asarray(x)))
+
+
+def _check_layer_linears(qm, pm, tokens, layers):
+    """For each linear of ``layers``: packed accumulators == integer reference; packed output ==
+    the fake-quant linear on the fake-quantized site value to float rounding."""
+    fake = LayerStreamer(from_weights(qm.config, qm.weights))
+    packed = packed_decoder(pm)
+    x = fake.embed(jnp.asarray(tokens))
+    worst = 0.0
+    for i in range(qm.config.num_layers):
+        x_next, sites = fake.layer(i, x, qm.hooks, capture=tuple(set(INPUT_SITE.values())))
+        if i in layers:
+            lin_fake = nnx.merge(*fake.layers[i])
+            for name in LINEARS:
+                site = np.asarray(sites[INPUT_SITE[name]])
+                lin = getattr(packed.layers[i], name)
+                flat = site.reshape(_tokens(site), -1)
+                accs = linear_accumulators(lin, jnp.asarray(flat))  # jitted, like the runtime
+                ref = _int_reference(site, lin.layout.act, qm.codes[f"layers.{i}.{name}"])
+                assert accs.keys() == ref.keys()
+                for b in ref:
+                    assert accs[b].dtype == np.int32
+                    np.testing.assert_array_equal(accs[b], ref[b], err_msg=f"layer {i} {name} {b}")
+                x_fq = np.asarray(qm.hooks(INPUT_SITE[name], jnp.asarray(site))).reshape(flat.shape)
+                y_fake = _apply(getattr(lin_fake, name), x_fq)
+                y_packed = _apply(lin, flat)
+                err = np.abs(y_packed - y_fake).max() / max(1e-6, np.abs(y_fake).max())
+                worst = max(worst, err)
+                assert err < 2e-5, (i, name, err)
+        x = x_next
+    return worst
+
+
+def test_rtn_codes_reproduce_the_fake_quant_weights(tiny):
+    """The codes path changes nothing in the fake-quant model: weights bitwise as before."""
+    cfg = QuantConfig(method="resq")
+    spec = weight_spec(tiny.config, cfg)
+    qw = rtn_weights_codes(tiny.config, tiny.weights, spec)
+    from resq_jax.fake_quant import linear_high_rows
+
+    for name in LINEARS:
+        key = f"layers.1.{name}"
+        perm, high = linear_high_rows(tiny.config, name, spec)
+        old = quantize_weight_rtn(np.asarray(tiny.weights[key], np.float32), perm, high, spec)
+        np.testing.assert_array_equal(qw.weights[key], old)
+        assert qw.codes[key].q_low.dtype == jnp.int8 and qw.codes[key].q_high.shape[0] == (
+            tiny.config.num_heads * spec.high_head if name == "o" else 0 if name == "down" else spec.high_residual)
+
+
+def test_every_linear_accumulators_and_outputs_tiny(tiny, tiny_resq):
+    qm, pm = tiny_resq
+    tokens = np.random.default_rng(2).integers(0, qm.config.vocab_size, (2, 20))
+    _check_layer_linears(qm, pm, tokens, layers=range(qm.config.num_layers))
+
+
+def test_layouts_int4_packed(tiny_resq):
+    qm, pm = tiny_resq
+    cfg = qm.config
+    lay = pm.layouts
+    assert lay["o"].groups == cfg.num_heads and lay["o"].act.group == cfg.head_dim
+    assert lay["down"].high_rows == 0 and lay["down"].act.high_bits == OFF
+    w = pm.arrays["layers.0.q.w_low"]
+    assert w.dtype == np.int8 and w.shape == (1, (cfg.hidden_size - lay["q"].high_rows) // 2, cfg.q_size)
+    assert pm.arrays["layers.0.q.w_high"].shape == (1, lay["q"].high_rows, cfg.q_size)
+    assert pm.arrays["layers.0.o.w_low"].shape == (cfg.num_heads, (cfg.head_dim - lay["o"].high_rows) // 2,
+                                                   cfg.hidden_size)
+    assert pm.arrays["layers.0.q.colsum_low"].dtype == np.int32
+    assert pm.arrays["embed"].dtype == np.float16
+
+
+def test_packed_layers_match_fake_quant(tiny, tiny_resq):
+    """Each packed layer (linears, quantized K/V, attention) on the fake model's input equals the
+    fake-quant layer to float rounding. (Whole-model logits of a random W4A4 model are chaotic:
+    the epilogue's float rounding can move a later 4-bit code across a rounding tie, and a random
+    model amplifies that; the whole-model check is SmolLM2's perplexity.)"""
+    qm, pm = tiny_resq
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, qm.config.vocab_size, (2, 24)))
+    fake = LayerStreamer(from_weights(qm.config, qm.weights))
+    packed = LayerStreamer(packed_decoder(pm))
+    x = fake.embed(tokens)
+    x16 = np.asarray(packed.embed(tokens))  # 16-bit embeddings
+    assert np.abs(x16 - np.asarray(x)).max() <= 1e-3 * np.abs(np.asarray(x)).max()
+    for i in range(qm.config.num_layers):
+        y_fake, _ = fake.layer(i, x, qm.hooks)
+        y_packed, _ = packed.layer(i, x, pm.hooks)
+        y_fake, y_packed = np.asarray(y_fake), np.asarray(y_packed)
+        per_token = np.abs(y_packed - y_fake).max(-1) / np.abs(y_fake).max()
+        assert np.mean(per_token <= 1e-5) >= 0.95 and per_token.max() <= 0.05, (i, per_token)
+        x = jnp.asarray(y_fake)
+
+
+def test_kv_codes_equal_fake_quant(tiny_resq):
+    """The cache's codes are quantize_mixed's; dequantized they are the fake-quant K/V bitwise."""
+    qm, pm = tiny_resq
+    s = pm.spec
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 7, qm.config.num_kv_heads, qm.config.head_dim)),
+                    jnp.float32)
+    kv = quantize_kv(x, s.kv_bits, s.high_bits, s.high_head)
+    ref = quantize_mixed(x, s.kv_bits, s.high_bits, s.high_head)
+    from resq_jax.packing import unpack_int4
+
+    n_low = qm.config.head_dim - s.high_head
+    np.testing.assert_array_equal(np.asarray(unpack_int4(kv.low))[..., :n_low].astype(np.int32) + 8,
+                                  np.asarray(ref.low.q)[..., 0, :])
+    np.testing.assert_array_equal(np.asarray(kv.high).astype(np.int32) + 128, np.asarray(ref.high.q)[..., 0, :])
+    fq = np.asarray(fake_quant_mixed(x, s.kv_bits, s.high_bits, s.high_head))
+    np.testing.assert_array_equal(np.asarray(dequantize_kv(kv, s.kv_bits, qm.config.head_dim)), fq)
+    assert kv.low.dtype == jnp.int8 and kv.low.shape[-1] == (n_low + 1) // 2
+
+
+def test_generation_with_quantized_cache(tiny):
+    """Decoding through the quantized (4-bit) K/V cache == the fake path's float cache of fake-quant
+    K/V: per-step logits agree to float rounding, the dequantized caches agree, same greedy tokens
+    (bitwise cache codes given the same k/v: test_kv_codes_equal_fake_quant). Linears at 8 bits here so that a random model is not chaotic
+    (at 4 bits one rounding tie flipped in an early layer changes a random model's logits)."""
+    from models.decoder import init_cache
+
+    calib = np.random.default_rng(1).integers(0, tiny.config.vocab_size, (8, 32))
+    qm = _quantize(tiny, calib, w_bits=8, a_bits=8, kv_bits=4)
+    pm = pack_model(qm, embed_dtype=np.float32)
+    assert pm.layouts["q"].w_low_bits == 8 and pm.spec.kv_bits == 4
+    fake, packed = from_weights(qm.config, qm.weights), packed_decoder(pm)
+    (gf, sf), (gp, sp) = nnx.split(fake), nnx.split(packed)
+    prompt = np.random.default_rng(5).integers(0, qm.config.vocab_size, 9)
+    cache_f = init_cache(qm.config, 1, 16)
+    cache_p = init_packed_cache(pm.config, pm.spec, 1, 16)
+    assert cache_p[0].k.low.dtype == jnp.int8 and cache_p[0].k.low.shape[-1] == (qm.config.head_dim - 2 + 1) // 2
+    lf, cache_f = _step(gf, sf, jnp.asarray(prompt[None]), cache_f, 0, qm.hooks)
+    lp, cache_p = _step(gp, sp, jnp.asarray(prompt[None]), cache_p, 0, pm.hooks)
+    for step in range(4):
+        assert np.abs(np.asarray(lp) - np.asarray(lf)).max() <= 1e-4 * np.abs(np.asarray(lf)).max()
+        tok = jnp.argmax(lf[:, -1], -1)[:, None].astype(jnp.int32)
+        lf, cache_f = _step(gf, sf, tok, cache_f, jnp.int32(prompt.size + step), qm.hooks)
+        lp, cache_p = _step(gp, sp, tok, cache_p, jnp.int32(prompt.size + step), pm.hooks)
+    for layer in range(qm.config.num_layers):
+        for name in ("k", "v"):
+            got = np.asarray(dequantize_kv(getattr(cache_p[layer], name), pm.spec.kv_bits, qm.config.head_dim))
+            assert np.abs(got - np.asarray(cache_f[layer][name])).max() <= 1e-2 * np.abs(got).max()
+    ids = np.asarray(prompt, np.int32)
+    assert np.array_equal(generate_greedy(fake, ids, 6, hooks=qm.hooks),
+                          generate_greedy(packed, ids, 6, hooks=pm.hooks,
+                                          cache=init_packed_cache(pm.config, pm.spec, 1, ids.size + 6)))
+
+
+def test_gptq_codes_path(qwen_tiny):
+    tiny = qwen_tiny
+    calib = np.random.default_rng(6).integers(0, tiny.config.vocab_size, (8, 32))
+    qm = _quantize(tiny, calib, weight_quantizer="gptq")
+    assert set(qm.codes) == {f"layers.{i}.{n}" for i in range(tiny.config.num_layers) for n in LINEARS}
+    pm = pack_model(qm)  # checks dequantize(codes) == the GPTQ weights exactly
+    tokens = np.random.default_rng(7).integers(0, qm.config.vocab_size, (2, 16))
+    _check_layer_linears(qm, pm, tokens, layers=(0, tiny.config.num_layers - 1))
+
+
+@pytest.mark.parametrize("method", ["rtn", "quarot"])
+def test_other_integer_recipes_pack(qwen_tiny, method):
+    calib = np.random.default_rng(8).integers(0, qwen_tiny.config.vocab_size, (4, 16))
+    qm = _quantize(qwen_tiny, calib, method=method)
+    pm = pack_model(qm)
+    tokens = np.random.default_rng(9).integers(0, qm.config.vocab_size, (1, 12))
+    _check_layer_linears(qm, pm, tokens, layers=(1,))
+
+
+def test_pack_refuses_what_it_cannot_run(tiny, tiny_resq):
+    if tiny.config.arch != "qwen2":
+        pytest.skip("one family is enough")
+    calib = np.random.default_rng(10).integers(0, tiny.config.vocab_size, (4, 16))
+    with pytest.raises(PackError, match="a-bits"):
+        pack_model(_quantize(tiny, calib, method="rtn", a_bits=16))
+    with pytest.raises(PackError, match="not quantized"):
+        pack_model(_quantize(tiny, calib, method="rtn", w_bits=16))
+    qm, _ = tiny_resq
+    tampered = dataclasses.replace(qm, weights={**qm.weights, "layers.0.up": qm.weights["layers.0.up"] * 1.01})
+    with pytest.raises(PackError, match="layers.0.up.*do not dequantize"):
+        pack_model(tampered)
+    lowrank = dataclasses.replace(qm, weights={**qm.weights, "layers.0.q_lr_a": np.zeros((4, 4), np.float32)})
+    with pytest.raises(PackError, match="low-rank"):
+        pack_model(lowrank)
+
+
+# ----------------------------------------------------------------------------------------------
+# SmolLM2
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("smollm2")
+
+
+def _truncate(m, n_layers):
+    keep = {k: v for k, v in m.weights.items()
+            if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
+    return dataclasses.replace(m, config=dataclasses.replace(m.config, num_layers=n_layers), weights=keep)
+
+
+def test_smollm2_two_layers_every_linear_and_attention(smol):
+    """ResQ W4A4KV4 (RTN) on SmolLM2's first two layers (d=576, hd=64, ffn=1536, GQA 9/3)."""
+    from resq_jax.data import calib_windows, load_text, tokenize
+
+    m = _truncate(smol, 2)
+    text = tokenize(load_text("wiki-calib").text, smol.tokenizer)
+    calib = calib_windows(text, 8, 128, seed=0)
+    qm = _quantize(m, calib)
+    pm = pack_model(qm)
+    assert pm.layouts["q"].high_rows == 72 and pm.layouts["o"].high_rows == 8
+    _check_layer_linears(qm, pm, calib[:2, :96], layers=(0, 1))
+    # attention: the K/V codes written to the cache are the fake path's, dequantized bitwise equal
+    fake = LayerStreamer(from_weights(qm.config, qm.weights))
+    x = fake.embed(jnp.asarray(calib[:1, :64]))
+    _, sites = fake.layer(0, x, qm.hooks, capture=("k", "v"))
+    s = pm.spec
+    for name in ("k", "v"):
+        raw = sites[name]
+        kv = quantize_kv(raw, s.kv_bits, s.high_bits, s.high_head)
+        np.testing.assert_array_equal(np.asarray(dequantize_kv(kv, s.kv_bits, qm.config.head_dim)),
+                                      np.asarray(qm.hooks(name, raw)))
+
+
+@pytest.mark.slow
+def test_smollm2_whole_model_perplexity_packed_equals_fake(smol):
+    """The scripts/quantize.py protocol: 64 x 512 calibration, 40 x 512 evaluation (RTN weights)."""
+    from resq_jax.data import calib_windows, eval_windows, load_text, tokenize
+
+    calib = calib_windows(tokenize(load_text("wiki-calib").text, smol.tokenizer), 64, 512, seed=0)
+    ev = eval_windows(tokenize(load_text("wiki-eval").text, smol.tokenizer), 40, 512)
+    qm = _quantize(smol, calib)
+    fake = perplexity(from_weights(qm.config, qm.weights), ev, hooks=qm.hooks, progress=False).ppl
+    pm = pack_model(qm)
+    packed = perplexity(packed_decoder(pm), ev, hooks=pm.hooks, progress=False).ppl
+    print("ppl fake", fake, "packed", packed)
+    assert abs(packed / fake - 1) < 1e-3
