@@ -8,6 +8,13 @@
   resq    PCA bases: U_A (residual, all layers), U_B (values, per layer and KV head), U_C (keys,
           per layer, online), each followed by random rotations inside the low and high
           subspaces; Hadamard on the down_proj input; the high 1/8 of channels in 8 bits
+  mxint   LQER's baseline: MXINT weights (w_bits 4) and activations (a_bits 8), no correction
+  lqer    mxint + a rank-k correction A B of the weight error from its SVD (REFERENCE.md 6)
+  l2qer   lqer with the error scaled by the calibration activation magnitudes before the SVD
+  resq+l2qer
+          ResQ (projections, integer quantizers, GPTQ weights) plus an L2QER correction of the
+          quantized weights: A, B in int8, x @ A quantized per token to 8 bits. Neither paper
+          has it; the scale comes from the activations of the transformed float model.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from models.config import ModelConfig
 from resq_jax import fusion
 from resq_jax.calibration import CalibrationStats, calibrate
 from resq_jax.fake_quant import OFF, ActivationSpec, FakeQuantHooks, WeightSpec, fake_quantize_key_rotation
+from resq_jax.lqer import int_lowrank_weights, lqer_quantize_weights
 from resq_jax.projections import (block_diag_rotation, damped_eigh, hadamard_factor, hadamard_matrix, high_rank,
                                   randomized_hadamard)
 from resq_jax.quantizers import check_bits
@@ -41,38 +49,61 @@ class Recipe:
     qk_bits: int  # q/k fake-quant before the online key rotation (ResQ's int8 model)
     quantize: bool = True
     weight_quantizer: str = "rtn"  # default weight quantizer of the recipe
+    lowrank: str = "none"  # "none" | "lqer" | "l2qer": low-rank correction of the weight error
+    formats: str = "int"  # "int" (integer quantizers, REFERENCE.md 3) | "mxint" (REFERENCE.md 6)
+    default_a_bits: int = 4
+    default_kv_bits: int = 4
 
     @property
     def needs_calibration(self) -> bool:
-        return "pca" in (self.residual, self.value, self.key)
+        return "pca" in (self.residual, self.value, self.key) or self.lowrank == "l2qer"
 
 
 RECIPES: dict[str, Recipe] = {
     "none": Recipe(False, "none", "none", "none", False, 0.0, OFF, quantize=False),
     "rtn": Recipe(False, "none", "none", "none", False, 0.0, OFF),
     "gptq": Recipe(False, "none", "none", "none", False, 0.0, OFF, weight_quantizer="gptq"),
-    "quarot": Recipe(True, "random_hadamard", "hadamard", "hadamard", True, 0.0, OFF),
-    "resq": Recipe(True, "pca", "pca", "pca", True, 0.125, 8),
+    "quarot": Recipe(True, "random_hadamard", "hadamard", "hadamard", True, 0.0, OFF, weight_quantizer="gptq"),
+    "resq": Recipe(True, "pca", "pca", "pca", True, 0.125, 8, weight_quantizer="gptq"),
+    "mxint": Recipe(False, "none", "none", "none", False, 0.0, OFF, formats="mxint", default_a_bits=8,
+                    default_kv_bits=OFF),
+    "lqer": Recipe(False, "none", "none", "none", False, 0.0, OFF, lowrank="lqer", formats="mxint",
+                   default_a_bits=8, default_kv_bits=OFF),
+    "l2qer": Recipe(False, "none", "none", "none", False, 0.0, OFF, lowrank="l2qer", formats="mxint",
+                    default_a_bits=8, default_kv_bits=OFF),
+    "resq+l2qer": Recipe(True, "pca", "pca", "pca", True, 0.125, 8, weight_quantizer="gptq", lowrank="l2qer"),
 }
 METHODS = tuple(RECIPES)
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
+W_FORMATS = ("mxint", "int")
+DEFAULT_RANK = 32
+LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     method: str = "resq"
     w_bits: int = 4
-    a_bits: int = 4
-    kv_bits: int = 4
+    a_bits: int | None = None  # None: the method's default (4; 8 for the MXINT recipes)
+    kv_bits: int | None = None  # None: the method's default (4; 16 = off for the MXINT recipes)
     high_bits: int = 8
     high_fraction: float | None = None  # None: the method's default
     weight_quantizer: str | None = None  # None: the method's default
     clip_search: bool = False
     seed: int = 0
+    rank: int | None = None  # low-rank correction rank (None: 32 for lqer/l2qer recipes)
+    w_format: str | None = None  # lqer/l2qer/mxint weights: "mxint" (default) or "int" (groups)
+    group_size: int | None = None  # rows per weight scale group along d_in ("int" LQER weights: 128)
 
     def __post_init__(self):
         if self.method not in RECIPES:
             raise QuantConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        r = RECIPES[self.method]
+        if r.formats == "mxint" and self.kv_bits is not None and self.kv_bits < OFF:
+            raise QuantConfigError(f"method {self.method!r} does not quantize the KV cache (LQER's setting); "
+                                   f"drop --kv-bits or run {self.method} separately from KV-quantized methods")
+        object.__setattr__(self, "a_bits", r.default_a_bits if self.a_bits is None else self.a_bits)
+        object.__setattr__(self, "kv_bits", r.default_kv_bits if self.kv_bits is None else self.kv_bits)
         for name in ("w_bits", "a_bits", "kv_bits", "high_bits"):
             try:
                 check_bits(getattr(self, name), name)
@@ -85,6 +116,40 @@ class QuantConfig:
         if self.weight_quantizer is not None and self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise QuantConfigError(f"unknown weight quantizer {self.weight_quantizer!r}; choose one of "
                                    f"{', '.join(WEIGHT_QUANTIZERS)}")
+        self._check_lowrank(r)
+
+    def _check_lowrank(self, r: Recipe):
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0):
+            raise QuantConfigError(f"--rank must be an integer >= 0 (32 for W4A8 LQER), got {self.rank!r}")
+        if self.w_format is not None and self.w_format not in W_FORMATS:
+            raise QuantConfigError(f"--w-format must be one of {', '.join(W_FORMATS)}, got {self.w_format!r}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size <= 0):
+            raise QuantConfigError(f"--group-size must be a positive integer (e.g. 128), got {self.group_size!r}")
+        if r.formats == "mxint":
+            if self.weight_quantizer == "gptq":
+                raise QuantConfigError(f"method {self.method!r} quantizes weights to MXINT by rounding; "
+                                       "--weight-quantizer gptq is for the integer recipes")
+            self.lqer_spec()  # raises for MXINT widths the format lacks
+
+    @property
+    def rank_used(self) -> int:
+        """The low-rank correction's rank in effect (0 without a correction)."""
+        if self.recipe.lowrank == "none":
+            return 0
+        return DEFAULT_RANK if self.rank is None else int(self.rank)
+
+    def lqer_spec(self):
+        """The LQERSpec of an MXINT recipe (weights, activation widths, rank, scaling)."""
+        from resq_jax.lqer import LQERConfigError, LQERSpec
+
+        w_format = self.w_format or "mxint"
+        group = self.group_size if self.group_size is not None else (128 if w_format == "int" else None)
+        try:
+            return LQERSpec(w_format=w_format, w_bits=self.w_bits, group_size=group, a_width=self.a_bits,
+                            lowrank_width=8, rank=self.rank_used, scaled=self.recipe.lowrank == "l2qer")
+        except LQERConfigError as e:
+            raise QuantConfigError(f"method {self.method!r}: {e}") from None
 
     @property
     def recipe(self) -> Recipe:
@@ -102,7 +167,11 @@ class QuantConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["high_fraction"] = self.fraction
-        d["weight_quantizer"] = self.weights_by
+        d["weight_quantizer"] = self.weights_by if self.recipe.formats == "int" else "rtn"
+        d["rank"] = self.rank_used
+        if self.recipe.formats == "mxint":
+            spec = self.lqer_spec()
+            d["w_format"], d["group_size"] = spec.w_format, spec.group_size
         return d
 
 
@@ -139,6 +208,7 @@ def activation_spec(config: ModelConfig, qc: QuantConfig) -> ActivationSpec:
     quantizing = min(qc.a_bits, qc.kv_bits) < OFF
     return ActivationSpec(a_bits=qc.a_bits, kv_bits=qc.kv_bits, down_bits=qc.a_bits, high_bits=qc.high_bits,
                           high_residual=r, high_head=r_h,
+                          lowrank_bits=LOWRANK_BITS if qc.rank_used and qc.a_bits < OFF else OFF,
                           qk_bits=qc.recipe.qk_bits if qc.recipe.key != "none" and quantizing else OFF)
 
 
@@ -197,6 +267,56 @@ def apply_transforms(config: ModelConfig, weights: Mapping[str, np.ndarray], t: 
     return w
 
 
+def _int_lowrank(config: ModelConfig, w_float: Mapping[str, np.ndarray], w_q: Mapping[str, np.ndarray],
+                 qc: QuantConfig, calib_windows: np.ndarray, progress: bool, seconds: dict) -> dict:
+    """L2QER correction of integer-quantized (e.g. ResQ) weights: the scale comes from the
+    activation magnitudes of the transformed float model (a second calibration pass), the
+    error is against the transformed float weights; A, B are int8."""
+    from models.decoder import from_weights
+
+    t0 = time.perf_counter()
+    abs_mean = None
+    if qc.recipe.lowrank == "l2qer":
+        abs_mean = calibrate(from_weights(config, w_float), calib_windows, progress=progress).abs_mean
+    seconds["calibrate"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = int_lowrank_weights(config, w_float, w_q, qc.rank_used, abs_mean, bits=LOWRANK_BITS)
+    seconds["quantize"] += time.perf_counter() - t0
+    return out
+
+
+def check_rank(config: ModelConfig, qc: QuantConfig):
+    """Fail before any work when the low-rank correction's rank exceeds a linear's min(d_in, d_out)."""
+    k = qc.rank_used
+    limit = min(config.hidden_size, config.kv_size, config.q_size, config.intermediate_size)
+    if k > limit:
+        raise QuantConfigError(f"--rank {k} is larger than min(d_in, d_out) = {limit} of this model's smallest "
+                               f"linear (k/v: [{config.hidden_size}, {config.kv_size}]); use --rank <= {limit}")
+
+
+def weight_bits(config: ModelConfig, qc: QuantConfig) -> float:
+    """Average storage bits per decoder-linear weight, the low-rank correction included
+    (scales and exponents included for MXINT: 8 bits per block of 16); 16 when unquantized."""
+    d, ffn, q, kv, hd = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size, config.head_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
+    n = sum(a * b for a, b in shapes)
+    if not qc.recipe.quantize or qc.w_bits >= OFF:
+        return 16.0
+    if qc.recipe.formats == "mxint":
+        spec = qc.lqer_spec()
+        per = spec.w_bits + (8.0 / spec.block if spec.w_format == "mxint" else 16.0 / (spec.group_size or 1e9))
+        lowrank_bits = spec.lowrank_width + 8.0 / spec.block
+        base = per * n
+    else:
+        r, r_h = high_rank(d, qc.fraction), high_rank(hd, qc.fraction)
+        high_rows = {0: r, 1: r, 2: r, 3: config.num_heads * r_h, 4: r, 5: r, 6: 0}
+        base = sum((a - high_rows[i]) * b * qc.w_bits + high_rows[i] * b * qc.high_bits
+                   for i, (a, b) in enumerate(shapes))
+        lowrank_bits = LOWRANK_BITS
+    base += qc.rank_used * sum(a + b for a, b in shapes) * lowrank_bits
+    return base / n
+
+
 def uses_gptq(qc: QuantConfig) -> bool:
     return qc.recipe.quantize and qc.weights_by == "gptq" and qc.w_bits < OFF
 
@@ -217,6 +337,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
 
     recipe = qc.recipe
     check_hadamard_sizes(config, recipe)
+    check_rank(config, qc)
     seconds = {"calibrate": 0.0, "projections": 0.0, "fuse": 0.0, "quantize": 0.0}
     details: dict = {}
     codes: dict = {}
@@ -238,19 +359,29 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     w = apply_transforms(config, w, transforms)
     seconds["fuse"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    hooks = FakeQuantHooks(activation_spec(config, qc)) if recipe.quantize else FakeQuantHooks(ActivationSpec())
-    if recipe.quantize:
-        from resq_jax import weight_quantization
+    if recipe.formats == "mxint":
+        spec = qc.lqer_spec()
+        hooks = spec.hooks()
+        w = lqer_quantize_weights(config, w, spec, stats.abs_mean if spec.scaled and spec.rank else None)
+        seconds["quantize"] = time.perf_counter() - t0
+    else:
+        hooks = FakeQuantHooks(activation_spec(config, qc)) if recipe.quantize else FakeQuantHooks(ActivationSpec())
+        w_float = w
+        if recipe.quantize:
+            from resq_jax import weight_quantization
 
-        if uses_gptq(qc):
-            qw = weight_quantization.gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc),
-                                                        progress=progress, timings=details)
-        else:
-            qw = weight_quantization.rtn_weights_codes(config, w, weight_spec(config, qc))
-        w, codes = qw.weights, qw.codes
-        if hooks.spec.qk_bits < OFF and transforms.key is not None:
-            w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)
-    seconds["quantize"] = time.perf_counter() - t0
+            if uses_gptq(qc):
+                qw = weight_quantization.gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc),
+                                                            progress=progress, timings=details)
+            else:
+                qw = weight_quantization.rtn_weights_codes(config, w, weight_spec(config, qc))
+            w, codes = qw.weights, qw.codes
+            if hooks.spec.qk_bits < OFF and transforms.key is not None:
+                w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)
+        seconds["quantize"] = time.perf_counter() - t0
+        if recipe.quantize and qc.rank_used:
+            w = _int_lowrank(config, w_float, w, qc, calib_windows, progress, seconds)
+    details["weight_bits"] = weight_bits(config, qc)
     log(f"{qc.method}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return QuantizedModel(config=config, weights=w, hooks=hooks, qconfig=qc, transforms=transforms,
                           seconds=seconds, stats=stats, details=details, codes=codes)
