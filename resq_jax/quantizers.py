@@ -106,8 +106,9 @@ def _check_positive_int(v, name: str) -> int:
     return int(v)
 
 
-def _pytree_dataclass(cls):
-    """Frozen dataclass registered as a pytree; fields with metadata static=True are static."""
+def pytree_dataclass(cls):
+    """Frozen dataclass registered as a pytree; fields with metadata static=True are static.
+    Shared by every code container (here, resq_jax.kernels.mixed_gemm, resq_jax.runtime)."""
     cls = dataclasses.dataclass(frozen=True)(cls)
     fields = dataclasses.fields(cls)
     meta = [f.name for f in fields if f.metadata.get("static", False)]
@@ -115,8 +116,12 @@ def _pytree_dataclass(cls):
     return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
 
 
-def _static(**kw):
+def static_field(**kw):
+    """A static (hashed, not traced) field of a ``pytree_dataclass``."""
     return dataclasses.field(metadata={"static": True}, **kw)
+
+
+_pytree_dataclass, _static = pytree_dataclass, static_field
 
 
 # ----------------------------------------------------------------------------------------------

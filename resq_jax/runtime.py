@@ -46,6 +46,7 @@ from models.decoder import Decoder
 from resq_jax.fake_quant import LINEARS, OFF, ActivationSpec, FakeQuantHooks
 from resq_jax.packing import pack_int4, pack_int4_np, signed_shift, unpack_int4
 from resq_jax.quantizers import WeightCodes, dequantize_weight, quantize_mixed
+from resq_jax.quantizers import pytree_dataclass as _pytree_dataclass
 
 __all__ = ["PackError", "check_packable_config", "ActQuant", "LinearLayout", "PackedLinear", "PackedHooks", "KVCodes",
            "QuantizedKVCache", "PackedModel", "pack_model", "packed_decoder", "init_packed_cache",
@@ -231,14 +232,6 @@ class PackedHooks(FakeQuantHooks):
         if site in LINEAR_INPUT_SITES:
             return x
         return super().__call__(site, x)
-
-
-def _pytree_dataclass(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = dataclasses.fields(cls)
-    meta = [f.name for f in fields if f.metadata.get("static", False)]
-    data = [f.name for f in fields if not f.metadata.get("static", False)]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
 
 
 @_pytree_dataclass

@@ -34,7 +34,6 @@ to ``[tokens, K]``.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import numbers
 
@@ -59,17 +58,7 @@ _X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def _pytree_dataclass(cls):
-    """Frozen dataclass registered as a pytree; fields with metadata static=True are static."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = dataclasses.fields(cls)
-    meta = [f.name for f in fields if f.metadata.get("static", False)]
-    data = [f.name for f in fields if not f.metadata.get("static", False)]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
-
-
-def _static(**kw):
-    return dataclasses.field(metadata={"static": True}, **kw)
+_pytree_dataclass, _static = quantizers.pytree_dataclass, quantizers.static_field
 
 
 @_pytree_dataclass
