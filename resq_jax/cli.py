@@ -130,7 +130,7 @@ def _describe(method: str, cfg: dict) -> str:
     else:
         if cfg.get("high_fraction"):
             text += f" hi={cfg['high_fraction']:g}@{cfg['high_bits']}b"
-        text += f" {cfg['weight_quantizer']}"
+        text += f" {cfg['weight_quantizer']}" + ("+clip" if cfg.get("clip_search") else "")
     if cfg.get("rank"):
         text += f" r{cfg['rank']}"
     return text

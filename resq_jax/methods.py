@@ -89,7 +89,7 @@ class QuantConfig:
     high_bits: int = 8
     high_fraction: float | None = None  # None: the method's default
     weight_quantizer: str | None = None  # None: the method's default
-    clip_search: bool = False
+    clip_search: bool | None = None  # MSE clip search of weight scales (None: on for the integer recipes)
     seed: int = 0
     rank: int | None = None  # low-rank correction rank (None: 32 for lqer/l2qer recipes)
     w_format: str | None = None  # lqer/l2qer/mxint weights: "mxint" (default) or "int" (groups)
@@ -104,6 +104,10 @@ class QuantConfig:
                                    f"drop --kv-bits or run {self.method} separately from KV-quantized methods")
         object.__setattr__(self, "a_bits", r.default_a_bits if self.a_bits is None else self.a_bits)
         object.__setattr__(self, "kv_bits", r.default_kv_bits if self.kv_bits is None else self.kv_bits)
+        if self.clip_search is None:
+            object.__setattr__(self, "clip_search", r.formats == "int" and r.quantize)
+        elif not isinstance(self.clip_search, bool):
+            raise QuantConfigError(f"clip_search must be True or False, got {self.clip_search!r}")
         for name in ("w_bits", "a_bits", "kv_bits", "high_bits"):
             try:
                 check_bits(getattr(self, name), name)

@@ -42,7 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default=None,
                    help="weight quantizer of the integer recipes (default: the method's: rtn for rtn, gptq for "
                         "gptq, quarot, resq and resq+l2qer)")
-    p.add_argument("--clip-search", action="store_true", help="MSE clip search for weight scales")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="MSE clip search of the weight scales (shrink factors 1 - i/100, i < 80, error "
+                        "norm 2.4, per output channel); default on for the integer recipes, "
+                        "--no-clip-search for plain max scaling")
     p.add_argument("--rank", type=int, default=None,
                    help="rank k of the low-rank correction of lqer, l2qer and resq+l2qer (default 32)")
     p.add_argument("--w-format", choices=("mxint", "int"), default=None,

@@ -36,6 +36,10 @@ def test_method_defaults():
     rq = QuantConfig(method="resq")
     assert (rq.a_bits, rq.kv_bits, rq.weights_by, rq.rank_used) == (4, 4, "gptq", 0)
     assert QuantConfig(method="rtn").weights_by == "rtn"
+    # MSE clip search of weight scales: on by default for the integer recipes, explicit False kept
+    assert QuantConfig(method="resq").clip_search and QuantConfig(method="rtn").clip_search
+    assert not QuantConfig(method="resq", clip_search=False).clip_search
+    assert not QuantConfig(method="lqer").clip_search and not QuantConfig(method="none").clip_search
     assert QuantConfig(method="resq+l2qer").rank_used == 32
     # the weight-only integer LQER variant: symmetric int4 weights with groups of 128
     spec = QuantConfig(method="lqer", a_bits=16, w_format="int").lqer_spec()
