@@ -81,8 +81,9 @@ def throughput(model_spec: str, windows: int, seq_len: int, batch_size: int, thr
     }
 
 
-def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: int) -> dict:
-    """ResQ W4A4KV4 (GPTQ weights, its default) stage times, GPTQ seconds per layer, and peak
+def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: int,
+           weight_quantizer: str = "gptq") -> dict:
+    """ResQ W4A4KV4 stage times (GPTQ weights by default: GPTQ seconds per layer too) and peak
     memory; meant to run in a fresh process."""
     from models.decoder import from_weights
     from models.loaders import load_model
@@ -96,7 +97,8 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
     rss_model = _peak_rss_mb()
     calib = sample(tokenize(load_text("wiki-calib").text, loaded.tokenizer), calib_windows, seq_len, 0)
     win = eval_windows(tokenize(load_text("wiki-eval").text, loaded.tokenizer), eval_windows_n, seq_len)
-    qm = quantize_model(loaded.config, loaded.weights, QuantConfig(method="resq"), calib, progress=False)
+    qm = quantize_model(loaded.config, loaded.weights, QuantConfig(method="resq", weight_quantizer=weight_quantizer),
+                        calib, progress=False)
     res = perplexity(from_weights(qm.config, qm.weights), win, hooks=qm.hooks, progress=False)
     return {"model": loaded.source, "calib_windows": calib_windows, "eval_windows": eval_windows_n,
             "seq_len": seq_len, "weight_quantizer": qm.qconfig.weights_by,
@@ -210,14 +212,16 @@ def main(argv=None) -> int:
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "benchmark.json"))
-    p.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default="rtn",
-                   help="ResQ's weight quantizer for the packed section (default %(default)s)")
+    p.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default="gptq",
+                   help="ResQ's weight quantizer in the stages and packed sections (default %(default)s, "
+                        "ResQ's own; rtn is much faster)")
     p.add_argument("--child-stages", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-prepare", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--child-runtime", nargs=2, metavar=("PATH", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_stages:
-        print(json.dumps(stages(args.model, args.calib_windows, args.eval_windows, args.seq_len)))
+        print(json.dumps(stages(args.model, args.calib_windows, args.eval_windows, args.seq_len,
+                                args.weight_quantizer)))
         return 0
     if args.child_prepare:
         print(json.dumps(packed_prepare(args.model, args.calib_windows, args.seq_len, args.child_prepare,
@@ -239,7 +243,8 @@ def main(argv=None) -> int:
         elif name == "stages":
             out = subprocess.run([sys.executable, __file__, "--child-stages", "--model", args.model,
                                   "--calib-windows", str(args.calib_windows), "--eval-windows",
-                                  str(args.eval_windows), "--seq-len", str(args.seq_len)],
+                                  str(args.eval_windows), "--seq-len", str(args.seq_len),
+                                  "--weight-quantizer", args.weight_quantizer],
                                  capture_output=True, text=True, check=True)
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         elif name == "packed":
