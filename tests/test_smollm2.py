@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hf_fixtures import transformers_gguf_perplexity
 from models.decoder import from_weights
 from models.loaders import load_model
 from resq_jax.calibration import calibrate
@@ -34,18 +35,7 @@ def fp_ppl(smol, eval_set):
 
 
 def test_perplexity_matches_transformers(smol, eval_set, fp_ppl):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = smol.source
-    folder, name = path.rsplit("/", 1)
-    ref_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    losses = []
-    with torch.no_grad():
-        for w in eval_set:
-            t = torch.as_tensor(w[None], dtype=torch.long)
-            losses.append(ref_model(t, labels=t).loss.item())
-    ref = float(np.exp(np.mean(losses)))
+    ref = transformers_gguf_perplexity(smol.source, eval_set)
     assert abs(fp_ppl / ref - 1) < 0.002, (fp_ppl, ref)
     assert 8 < fp_ppl < 30  # a working 135M model on Wikipedia text
 
