@@ -94,28 +94,66 @@ def rms_norm(x: jnp.ndarray, gain: jnp.ndarray, eps: float) -> jnp.ndarray:
     return (gain.astype(jnp.float32) * (x32 * jax.lax.rsqrt(var + eps))).astype(x.dtype)
 
 
+def _grouped_queries(q: jnp.ndarray, kv: int) -> jnp.ndarray:
+    """q: [B, T, H, hd] -> scaled float32 [B, KV, T*G, hd], rows ordered (t, g): the G query
+    heads sharing a KV head stacked so each KV head is one large batched matmul."""
+    b, t, h, hd = q.shape
+    g = h // kv
+    qg = q.astype(jnp.float32).reshape(b, t, kv, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, hd)
+    return qg * jnp.float32(1.0 / np.sqrt(hd))
+
+
+def _ungroup(out: jnp.ndarray, t: int, dtype) -> jnp.ndarray:
+    """out: [B, KV, T*G, hd] rows ordered (t, g) -> [B, T, H, hd]."""
+    b, kv, _, hd = out.shape
+    return out.reshape(b, kv, t, -1, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, -1, hd).astype(dtype)
+
+
+def _attend(qg, kk, vv, mask):
+    """Masked softmax attention in float32. qg: [B, KV, M, hd] (scaled); kk, vv: [B, KV, S, hd];
+    mask: [M, S] bool (True = attend) -> [B, KV, M, hd]."""
+    scores = jnp.einsum("bkmd,bksd->bkms", qg, kk)
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    return jnp.einsum("bkms,bksd->bkmd", probs, vv) / jnp.sum(probs, axis=-1, keepdims=True)
+
+
+def _kv_major(x: jnp.ndarray) -> jnp.ndarray:
+    """[B, S, KV, hd] -> float32 [B, KV, S, hd]."""
+    return x.astype(jnp.float32).transpose(0, 2, 1, 3)
+
+
 def causal_attention(q, k, v, q_positions):
-    """Grouped-query causal attention in float32.
+    """Grouped-query causal attention in float32 against a cache.
 
     q: [B, T, H, hd]; k, v: [B, S, KV, hd]; q_positions: [T] absolute positions of the
     queries (cache slot s holds position s, so slots after a query's position are masked).
-    The G query heads sharing a KV head are stacked into one [G*T, hd] operand so each KV
-    head is one large batched matmul. Returns [B, T, H, hd].
+    Returns [B, T, H, hd].
     """
-    b, t, h, hd = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    g = h // kv
-    f32 = jnp.float32
-    qg = q.astype(f32).reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
-    qg = qg * f32(1.0 / np.sqrt(hd))
-    kk = k.astype(f32).transpose(0, 2, 1, 3)  # [B, KV, S, hd]
-    vv = v.astype(f32).transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkmd,bksd->bkms", qg, kk)  # [B, KV, G*T, S]
-    mask = jnp.tile(jnp.arange(s)[None, :] <= q_positions[:, None], (g, 1))  # [G*T, S]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    out = jnp.einsum("bkms,bksd->bkmd", probs, vv) / jnp.sum(probs, axis=-1, keepdims=True)
-    return out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
+    t, kv, s = q.shape[1], k.shape[2], k.shape[1]
+    g = q.shape[2] // kv
+    mask = jnp.arange(s)[None, :] <= jnp.repeat(q_positions, g)[:, None]  # [T*G, S]
+    out = _attend(_grouped_queries(q, kv), _kv_major(k), _kv_major(v), mask)
+    return _ungroup(out, t, q.dtype)
+
+
+def causal_self_attention(q, k, v, block: int = 128):
+    """Causal attention of a sequence on itself (positions 0..T-1, no cache), in float32.
+
+    q: [B, T, H, hd]; k, v: [B, T, KV, hd] -> [B, T, H, hd]. The queries are cut into blocks
+    of ``block`` positions and block i attends only to keys 0 .. its last position, so the
+    masked upper triangle is never computed (about half the work of ``causal_attention`` at
+    T = 512); every row's result is the same masked softmax.
+    """
+    t, kv = q.shape[1], k.shape[2]
+    g = q.shape[2] // kv
+    qg, kk, vv = _grouped_queries(q, kv), _kv_major(k), _kv_major(v)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        mask = jnp.arange(end)[None, :] <= jnp.repeat(jnp.arange(start, end), g)[:, None]
+        outs.append(_attend(qg[:, :, start * g:end * g], kk[:, :, :end], vv[:, :, :end], mask))
+    return _ungroup(jnp.concatenate(outs, axis=2), t, q.dtype)
 
 
 def online_hadamard(x: jnp.ndarray, n: int) -> jnp.ndarray:
@@ -157,13 +195,17 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, positions, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None,
                  capture: tuple[str, ...] = ()):
         """x: [B, T, d] -> (x: [B, T, d], captured sites dict, updated cache or None)."""
-        sites: dict[str, jnp.ndarray] = {}
+        site, sites = site_recorder(hooks, capture)
+        a, new_cache = self.attention(x, cos, sin, positions, hooks, cache, cache_index, site)
+        x = self.attention_residual(x, a, hooks)
+        x = x + self.mlp(x, hooks, site)
+        return x, sites, new_cache
 
-        def site(name, value):
-            if name in capture:
-                sites[name] = value
-            return hooks(name, value)
-
+    def attention(self, x, cos, sin, positions, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None,
+                  site=None):
+        """The attention half up to the o_proj input. x: [B, T, d] -> (a: [B, T, H, hd] after the
+        o_in site, updated cache or None); ``site(name, value)`` applies hooks (and captures)."""
+        site = site or site_recorder(hooks, ())[0]
         b, t, _ = x.shape
         hd = self.head_dim
         h = site("attn_in", rms_norm(x, self.attn_norm[...], self.eps))
@@ -181,23 +223,75 @@ class DecoderLayer(nnx.Module):
         q = site("q", q)
         k = site("k", k)
         new_cache = None
-        if cache is None:
-            k_all, v_all = k, v
-        elif isinstance(cache, dict):
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k_all, "v": v_all}
-        else:  # a cache that stores k/v in its own format (resq_jax.runtime's quantized cache)
-            k_all, v_all, new_cache = cache.write(k_raw, v_raw, cache_index)
-        a = site("o_in", causal_attention(q, k_all, v_all, positions))
-        x = x + self.o(a.reshape(b, t, self.num_heads * hd), hooks)
+        if cache is None:  # the sequence on itself, positions 0..T-1
+            a = causal_self_attention(q, k, v)
+        else:
+            if isinstance(cache, dict):
+                k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+                v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+                new_cache = {"k": k_all, "v": v_all}
+            else:  # a cache that stores k/v in its own format (resq_jax.runtime's quantized cache)
+                k_all, v_all, new_cache = cache.write(k_raw, v_raw, cache_index)
+            a = causal_attention(q, k_all, v_all, positions)
+        return site("o_in", a), new_cache
+
+    def attention_residual(self, x, a, hooks: SiteHooks = IDENTITY):
+        """x: [B, T, d] residual, a: [B, T, H, hd] o_proj input -> x + o_proj(a)."""
+        b, t = a.shape[:2]
+        return x + self.o(a.reshape(b, t, self.num_heads * self.head_dim), hooks)
+
+    def mlp(self, x, hooks: SiteHooks = IDENTITY, site=None):
+        """The MLP half's output (without the residual). x: [B, T, d] -> [B, T, d]."""
+        site = site or site_recorder(hooks, ())[0]
         h = site("mlp_in", rms_norm(x, self.mlp_norm[...], self.eps))
         g = jax.nn.silu(self.gate(h, hooks)) * self.up(h, hooks)
         if self.down_hadamard:
             g = online_hadamard(g, self.down_hadamard)  # U_D, fused into down's weights
         g = site("down_in", g)
-        x = x + self.down(g, hooks)
-        return x, sites, new_cache
+        return self.down(g, hooks)
+
+
+def site_recorder(hooks: SiteHooks, capture: tuple[str, ...]):
+    """(site(name, value) -> hooks(name, value), recording value in ``sites`` when captured; sites)."""
+    sites: dict[str, jnp.ndarray] = {}
+
+    def site(name, value):
+        if name in capture:
+            sites[name] = value
+        return hooks(name, value)
+
+    return site, sites
+
+
+VOCAB_CHUNK = 8192
+
+
+def chunked_nll(h: jnp.ndarray, w_vd: jnp.ndarray, target: jnp.ndarray, chunk: int = VOCAB_CHUNK) -> jnp.ndarray:
+    """h: [N, d] float32 normed hidden; w_vd: [V, d] output matrix; target: [N] ids -> [N]
+    cross-entropy logsumexp(h @ w_vd.T) - (h @ w_vd.T)[target], one [N, chunk] logit block at
+    a time (online logsumexp; V is padded to a multiple of ``chunk`` with masked rows)."""
+    n, d = h.shape
+    v = w_vd.shape[0]
+    chunk = min(chunk, v)
+    n_chunks = -(-v // chunk)
+    w = jnp.pad(w_vd, ((0, n_chunks * chunk - v), (0, 0))).reshape(n_chunks, chunk, d)
+    offsets = jnp.arange(n_chunks) * chunk
+
+    def step(carry, xs):
+        run_max, run_sum, tgt = carry
+        w_c, off = xs
+        logits = h @ w_c.T  # [N, chunk]
+        logits = jnp.where(off + jnp.arange(chunk) < v, logits, -jnp.inf)
+        new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
+        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1)
+        local = target - off
+        hit = (local >= 0) & (local < chunk)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
+        return (new_max, run_sum, jnp.where(hit, picked, tgt)), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    (run_max, run_sum, tgt), _ = jax.lax.scan(step, init, (w, offsets))
+    return run_max + jnp.log(run_sum) - tgt
 
 
 class Decoder(nnx.Module):
@@ -224,6 +318,20 @@ class Decoder(nnx.Module):
         if self.lm_head is None:
             return jnp.einsum("btd,vd->btv", h, self.embed[...].astype(jnp.float32))
         return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(jnp.float32))
+
+    def head_nll(self, x, tokens):
+        """Mean next-token cross-entropy per window without materializing the logits.
+
+        x: [B, T, d] last layer output; tokens: [B, T] -> [B] float32. The vocabulary is swept
+        in chunks of VOCAB_CHUNK rows of the output matrix with a running (max, sum of exp),
+        the target's logit taken from the same chunk's product; the result equals
+        logsumexp(logits) - logits[target] of ``head`` up to float32 summation order.
+        """
+        b, t, d = x.shape
+        h = rms_norm(x, self.norm[...], self.config.rms_eps).astype(jnp.float32)[:, :-1].reshape(-1, d)
+        target = tokens[:, 1:].reshape(-1)
+        w_vd = (self.embed[...] if self.lm_head is None else self.lm_head[...].T).astype(jnp.float32)  # [V, d]
+        return chunked_nll(h, w_vd, target).reshape(b, t - 1).mean(axis=-1)
 
     def rope(self, positions):
         return rope_tables(self.inv_freq, positions)

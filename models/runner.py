@@ -36,10 +36,7 @@ def embed_apply(graphdef, state, tokens):
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def head_nll(graphdef, state, x, tokens):
     """Mean next-token cross-entropy per window. x: [B, T, d] final hidden; tokens: [B, T] -> [B] float32."""
-    logits = nnx.merge(graphdef, state).head(x)[:, :-1]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.mean(logz - target, axis=-1)
+    return nnx.merge(graphdef, state).head_nll(x, tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -100,3 +97,4 @@ class _HeadView(nnx.Module):
 
     embed_tokens = Decoder.embed_tokens
     head = Decoder.head
+    head_nll = Decoder.head_nll

@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.decoder import IDENTITY, from_weights
-from models.runner import LayerStreamer, layer_apply
+from models.decoder import IDENTITY, site_recorder, from_weights
+from models.runner import LayerStreamer
 from resq_jax.fake_quant import LINEARS, OFF, WeightSpec, linear_high_rows
 from resq_jax.quantizers import WeightCodes, dequantize_weight, quantize_weight_sym
 
@@ -77,17 +77,56 @@ def rtn_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: We
     return rtn_weights_codes(config, weights, spec).weights
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "site"))
-def _site_hessian(graphdef, state, x, rope, positions, site: str):
-    """Sum over tokens of v v^T for the inputs v of a layer's site, x: [b, T, d] -> [c, c].
-
-    Only the site is returned, so XLA drops the rest of the layer (computing the Hessian of
-    q/k/v costs one RMSNorm, that of o_proj the attention block, and so on)."""
-    cos, sin = rope
-    _, sites, _ = nnx.merge(graphdef, state)(x, cos, sin, positions, IDENTITY, capture=(site,))
-    v = sites[site].astype(jnp.float32)
+def _gram(v: jnp.ndarray) -> jnp.ndarray:
+    """v: [B, T, c] or [B, T, heads, hd] -> sum over tokens of v v^T: [c, c] float32."""
+    v = v.astype(jnp.float32)
     v = v.reshape(-1, v.shape[2] * (v.shape[3] if v.ndim == 4 else 1))
     return v.T @ v
+
+
+# The four stages of one layer, each a jitted function of the layer (graphdef, state) and the
+# cached output of the previous stage, so the layer's float work over all windows is done about
+# once and a half (gate/up twice) instead of once per Hessian.
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_attn_in(graphdef, state, x, rope, positions):
+    """x: [B, T, d] layer input -> Hessian sum of the q/k/v input (RMSNorm output)."""
+    site, sites = site_recorder(IDENTITY, ("attn_in",))
+    cos, sin = rope
+    nnx.merge(graphdef, state).attention(x, cos, sin, positions, IDENTITY, site=site)  # only attn_in is kept
+    return _gram(sites["attn_in"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_o_in(graphdef, state, x, rope, positions):
+    """x: [B, T, d] -> (a: [B, T, H, hd] attention output with the quantized q/k/v, its Hessian sum)."""
+    cos, sin = rope
+    a, _ = nnx.merge(graphdef, state).attention(x, cos, sin, positions, IDENTITY)
+    return a, _gram(a)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_mlp_in(graphdef, state, x, a):
+    """x: [B, T, d], a: [B, T, H, hd] -> (x + o_proj(a) with the quantized o_proj, Hessian sum of
+    the gate/up input)."""
+    layer = nnx.merge(graphdef, state)
+    x1 = layer.attention_residual(x, a)
+    site, sites = site_recorder(IDENTITY, ("mlp_in",))
+    layer.mlp(x1, IDENTITY, site)  # only mlp_in is kept
+    return x1, _gram(sites["mlp_in"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_down_in(graphdef, state, x1):
+    """x1: [B, T, d] -> Hessian sum of the down_proj input (with the quantized gate/up)."""
+    site, sites = site_recorder(IDENTITY, ("down_in",))
+    nnx.merge(graphdef, state).mlp(x1, IDENTITY, site)  # the down_proj product is dropped
+    return _gram(sites["down_in"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_out(graphdef, state, x1):
+    """x1: [B, T, d] -> the layer's output x1 + mlp(x1) with every linear quantized."""
+    return x1 + nnx.merge(graphdef, state).mlp(x1, IDENTITY)
 
 
 def gptq_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
@@ -97,14 +136,51 @@ def gptq_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], windows
     return gptq_weights_codes(config, weights, windows, spec, **kw).weights
 
 
+def _split_codes(c: WeightCodes, widths: list[int]) -> list[WeightCodes]:
+    """Codes of linears quantized side by side (outputs concatenated) -> one WeightCodes each."""
+    cuts = np.cumsum(widths)[:-1]
+
+    def split(a):
+        return [None] * len(widths) if a is None else jnp.split(a, cuts, axis=-1)
+
+    parts = zip(split(c.q_low), split(c.scale_low), split(c.q_high), split(c.scale_high))
+    return [dataclasses.replace(c, q_low=a, scale_low=b, q_high=d, scale_high=e) for a, b, d, e in parts]
+
+
+def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: np.ndarray,
+                spec: WeightSpec, act_order: bool) -> None:
+    """GPTQ the linears ``names`` of layer i, which share the input whose Hessian is h, in one
+    call on their side-by-side weights (columns are independent given H and the scales: one
+    Cholesky and one sweep), writing the dequantized weights into ``out`` and codes into ``codes``."""
+    from resq_jax.gptq import gptq_quantize
+
+    perm, high = linear_high_rows(config, names[0], spec)
+    for name in names[1:]:
+        p2, h2 = linear_high_rows(config, name, spec)
+        if h2 != high or (perm is None) != (p2 is None) or (perm is not None and not np.array_equal(perm, p2)):
+            raise AssertionError(f"linears {names} share an input but not its precision layout")
+    keys = [f"layers.{i}.{name}" for name in names]
+    ws = [np.asarray(out[k], np.float32) for k in keys]
+    widths = [w.shape[1] for w in ws]
+    res = gptq_quantize(np.concatenate(ws, axis=1), h, low_bits=spec.w_bits, high_bits=spec.high_bits,
+                        high_rows=high, row_perm=perm, act_order=act_order, clip_search=spec.clip_search)
+    w_q = np.asarray(res.w_q, np.float32)
+    for k, w_part, c in zip(keys, np.split(w_q, np.cumsum(widths)[:-1], axis=1), _split_codes(res.codes, widths)):
+        out[k] = w_part
+        codes[k] = c
+
+
 def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
                        spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, progress: bool = True,
                        timings: dict | None = None) -> QuantizedWeights:
     """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]; the codes
     are GPTQResult.codes (act_order permutes rows inside GPTQ only: its codes come back in
-    ``linear_high_rows`` order, see gptq.gptq_quantize)."""
-    from resq_jax.gptq import gptq_quantize
+    ``linear_high_rows`` order, see gptq.gptq_quantize).
 
+    Per layer, over every batch of windows: the q/k/v Hessian from the layer input; quantize
+    q/k/v; the attention output a (cached per batch) and the o_proj Hessian; quantize o; the
+    residual x1 = x + o(a) (cached) and the gate/up Hessian; quantize gate/up; the down_proj
+    Hessian from x1; quantize down; the next layer's input x1 + mlp(x1)."""
     out = dict(weights)
     codes: dict[str, WeightCodes] = {}
     if spec.w_bits >= OFF:
@@ -113,28 +189,36 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
     streamer = LayerStreamer(from_weights(config, out))
     positions, rope = streamer.rope(windows.shape[1])
     xs = [streamer.embed(jnp.asarray(windows[s:s + batch_size])) for s in range(0, len(windows), batch_size)]
-    n_tokens = windows.size
+    scale = 2.0 / windows.size
     bar = _progress(config.num_layers, "gptq") if progress else None
     per_layer = []
+
+    def total(parts):
+        return np.asarray(functools.reduce(jnp.add, parts), np.float32) * scale
+
+    def split():
+        return nnx.split(_layer(config, out, i))
+
     for i in range(config.num_layers):
         t0 = time.perf_counter()
-        for site, names in GPTQ_ORDER:
-            graphdef, state = nnx.split(_layer(config, out, i))
-            h = None
-            for x in xs:
-                hx = _site_hessian(graphdef, state, x, rope, positions, site)
-                h = hx if h is None else h + hx
-            h = np.asarray(h, np.float32) * (2.0 / n_tokens)
-            for name in names:
-                key = f"layers.{i}.{name}"
-                perm, high = linear_high_rows(config, name, spec)
-                res = gptq_quantize(np.asarray(out[key], np.float32), h, low_bits=spec.w_bits,
-                                    high_bits=spec.high_bits, high_rows=high, row_perm=perm,
-                                    act_order=act_order, clip_search=spec.clip_search)
-                out[key] = np.asarray(res.w_q, np.float32)
-                codes[key] = res.codes
-        graphdef, state = nnx.split(_layer(config, out, i))
-        xs = [layer_apply(graphdef, state, x, rope, positions)[0] for x in xs]
+        g, s = split()
+        _gptq_group(out, codes, config, i, ("q", "k", "v"),
+                    total([_stage_attn_in(g, s, x, rope, positions) for x in xs]), spec, act_order)
+        g, s = split()
+        a_h = [_stage_o_in(g, s, x, rope, positions) for x in xs]
+        _gptq_group(out, codes, config, i, ("o",), total([h for _, h in a_h]), spec, act_order)
+        g, s = split()
+        x1_h = [_stage_mlp_in(g, s, x, a) for x, (a, _) in zip(xs, a_h)]
+        del a_h
+        _gptq_group(out, codes, config, i, ("gate", "up"), total([h for _, h in x1_h]), spec, act_order)
+        x1s = [x1 for x1, _ in x1_h]
+        del x1_h
+        g, s = split()
+        _gptq_group(out, codes, config, i, ("down",), total([_stage_down_in(g, s, x1) for x1 in x1s]),
+                    spec, act_order)
+        g, s = split()
+        xs = [_stage_out(g, s, x1) for x1 in x1s]
+        del x1s
         per_layer.append(time.perf_counter() - t0)
         if bar is not None:
             bar.update(1)

@@ -73,12 +73,80 @@ def throughput(model_spec: str, windows: int, seq_len: int, batch_size: int, thr
             losses.extend(nll.tolist())
         ref_seconds = time.perf_counter() - start
     ref_tps = win.size / ref_seconds
+    del ref_model
+    floor = gemm_floor(loaded.config, batch_size * seq_len)
+    batches = -(-windows // batch_size)
+    floor_tps = {k: win.size / (batches * v) for k, v in floor["seconds_per_batch"].items()}
     return {
         "model": loaded.source, "windows": windows, "seq_len": seq_len, "batch_size": batch_size,
         "threads": threads, "ours_tokens_per_s": ours.tokens_per_second,
         "transformers_tokens_per_s": ref_tps, "ratio": ours.tokens_per_second / ref_tps,
         "ours_ppl": ours.ppl, "transformers_ppl": float(np.exp(np.mean(losses))),
+        "gemm_floor": {
+            **floor,
+            "note": "the model's dense matmuls alone (every linear and the lm_head, float32, one batch), "
+                    "timed by XLA and by torch on this machine: the tokens/s neither framework can beat "
+                    "in float32; max_ratio = that bound over transformers' measured tokens/s",
+            "tokens_per_s_bound": floor_tps,
+            "max_ratio": max(floor_tps.values()) / ref_tps,
+            "ours_fraction_of_bound": ours.tokens_per_second / floor_tps["xla"],
+        },
     }
+
+
+def gemm_floor(config, tokens: int, repeats: int = 3) -> dict:
+    """Wall time of the model's dense matmuls for one batch of ``tokens`` tokens, in XLA and in
+    torch (the better of ``repeats`` runs each): x: [tokens, d_in] @ w: [d_in, d_out] for every
+    linear of every layer and the lm_head. Attention scores, norms, softmax and the loss come
+    on top, so this bounds evaluation tokens/s from above."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    q_out, kv_out = config.num_heads * hd, config.num_kv_heads * hd
+    shapes = [(d, q_out), (d, kv_out), (d, kv_out), (q_out, d), (d, f), (d, f), (f, d)]
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal(s, dtype=np.float32) * 0.02 for s in set(shapes)]
+    ws = {w.shape: w for w in ws}
+    head = rng.standard_normal((d, config.vocab_size), dtype=np.float32) * 0.02
+    xs = {k: rng.standard_normal((tokens, k), dtype=np.float32) for k in {s[0] for s in shapes}}
+    flops = 2 * tokens * (config.num_layers * sum(a * b for a, b in shapes) + d * config.vocab_size)
+
+    def best(run):
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    mm = jax.jit(lambda x, w: x @ w)
+    jw = {k: jnp.asarray(v) for k, v in ws.items()}
+    jx = {k: jnp.asarray(v) for k, v in xs.items()}
+    jhead = jnp.asarray(head)
+
+    def run_xla():
+        outs = [mm(jx[s[0]], jw[s]) for _ in range(config.num_layers) for s in shapes]
+        outs.append(mm(jx[d], jhead))
+        jax.block_until_ready(outs)
+
+    tw = {k: torch.from_numpy(v) for k, v in ws.items()}
+    tx = {k: torch.from_numpy(v) for k, v in xs.items()}
+    thead = torch.from_numpy(head)
+
+    def run_torch():
+        with torch.inference_mode():
+            for _ in range(config.num_layers):
+                for s in shapes:
+                    tx[s[0]] @ tw[s]
+            tx[d] @ thead
+
+    seconds = {"xla": best(run_xla), "torch": best(run_torch)}
+    return {"tokens_per_batch": tokens, "gflop_per_batch": flops / 1e9, "seconds_per_batch": seconds,
+            "gflops": {k: flops / v / 1e9 for k, v in seconds.items()}}
 
 
 def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: int,

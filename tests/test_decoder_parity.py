@@ -70,3 +70,19 @@ def test_greedy_generation_matches_transformers(saved):
                                    pad_token_id=0)[0, 12:].numpy()
     ours = generate_greedy(from_weights(loaded.config, loaded.weights), prompt, 6)
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_long_sequence_logits_and_nll_match_transformers(saved):
+    """300 tokens: the block-causal self-attention spans three query blocks; the streamed
+    perplexity head (vocabulary-chunked cross-entropy) against torch's cross-entropy."""
+    import torch
+
+    torch_model, loaded = saved
+    tokens = np.random.default_rng(3).integers(0, loaded.config.vocab_size, size=(2, 300))
+    ref = torch_logits(torch_model, tokens)
+    streamer = LayerStreamer(from_weights(loaded.config, loaded.weights))
+    assert np.abs(np.asarray(streamer.logits(jnp.asarray(tokens))) - ref).max() <= 1e-4
+    ref_nll = torch.nn.functional.cross_entropy(torch.as_tensor(ref[:, :-1]).reshape(-1, ref.shape[-1]),
+                                                torch.as_tensor(tokens[:, 1:]).reshape(-1), reduction="none")
+    ref_nll = ref_nll.reshape(2, -1).mean(-1).numpy()
+    np.testing.assert_allclose(np.asarray(streamer.nll(jnp.asarray(tokens))), ref_nll, rtol=1e-5)

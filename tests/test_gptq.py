@@ -455,3 +455,75 @@ def test_sweep_is_nested_loops_and_program_size_is_constant():
     np.testing.assert_array_equal(direct[0], inside[0])
     np.testing.assert_array_equal(direct[1], inside[1])
     assert bool(direct[2])
+
+
+def _naive_streamed_gptq(config, weights, windows, spec, batch_size, quantized_inputs=True):
+    """The streaming order written the plain way: for every group of linears re-run the whole
+    layer (with the weights quantized so far, or the layer's float weights when
+    ``quantized_inputs`` is False) to capture its input, and GPTQ each linear on its own; the
+    next layer is fed the quantized layer's output."""
+    from models.decoder import from_weights
+    from models.runner import LayerStreamer
+    from resq_jax.fake_quant import linear_high_rows
+    from resq_jax.weight_quantization import GPTQ_ORDER
+
+    w = dict(weights)
+    float_w = dict(weights)
+    xs = [LayerStreamer(from_weights(config, w)).embed(jnp.asarray(windows[s:s + batch_size]))
+          for s in range(0, len(windows), batch_size)]
+    codes = {}
+    for i in range(config.num_layers):
+        for site, names in GPTQ_ORDER:
+            st = LayerStreamer(from_weights(config, w if quantized_inputs else float_w))
+            h = None
+            for x in xs:
+                v = st.layer(i, x, capture=(site,))[1][site]
+                v = v.reshape(-1, v.shape[2] * (v.shape[3] if v.ndim == 4 else 1)).astype(jnp.float32)
+                h = v.T @ v if h is None else h + v.T @ v
+            h = np.asarray(h, np.float32) * (2.0 / windows.size)
+            for name in names:
+                key = f"layers.{i}.{name}"
+                perm, high = linear_high_rows(config, name, spec)
+                res = gptq_quantize(np.asarray(w[key], np.float32), h, low_bits=spec.w_bits,
+                                    high_bits=spec.high_bits, high_rows=high, row_perm=perm,
+                                    clip_search=spec.clip_search)
+                w[key] = np.asarray(res.w_q)
+                codes[key] = res.int_codes()
+        st = LayerStreamer(from_weights(config, w))
+        xs = [st.layer(i, x)[0] for x in xs]
+    return w, codes
+
+
+def test_streamed_gptq_follows_the_layer_order(tmp_path):
+    """gptq_weights_codes (staged, cached activations, q/k/v and gate/up in one call each) equals
+    the plain re-run-the-layer streaming on a tiny random Llama: [q,k,v] -> o -> [gate,up] -> down
+    with each Hessian from the already quantized earlier parts, the next layer fed the quantized
+    layer's output. Hessians from float inputs instead give clearly different codes."""
+    from hf_fixtures import build_torch_model, tiny_llama_config
+    from models.loaders import load_model
+    from resq_jax.fake_quant import LINEARS, WeightSpec, linear_high_rows
+    from resq_jax.weight_quantization import gptq_weights_codes
+
+    build_torch_model(tiny_llama_config(tied=False, llama3=False)).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), with_tokenizer=False)
+    cfg = loaded.config
+    windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (6, 40)).astype(np.int32)
+    spec = WeightSpec(w_bits=4, high_bits=8, high_residual=8, high_head=2, clip_search=True)
+    got = gptq_weights_codes(cfg, loaded.weights, windows, spec, batch_size=4, progress=False)
+    ref_w, ref_codes = _naive_streamed_gptq(cfg, loaded.weights, windows, spec, batch_size=4)
+    _, float_codes = _naive_streamed_gptq(cfg, loaded.weights, windows, spec, batch_size=4,
+                                          quantized_inputs=False)
+    agree, agree_float = [], []
+    for i in range(cfg.num_layers):
+        for name in LINEARS:
+            key = f"layers.{i}.{name}"
+            perm, _ = linear_high_rows(cfg, name, spec)
+            c = got.codes[key]
+            q = np.concatenate([np.asarray(c.q_low), np.asarray(c.q_high)], axis=0)
+            q = q if perm is None else q[np.argsort(perm)]
+            agree.append(np.mean(q == ref_codes[key]))
+            agree_float.append(np.mean(q == float_codes[key]))
+            if agree[-1] == 1.0:  # same codes: the same dequantized weights, bit for bit
+                np.testing.assert_array_equal(got.weights[key], ref_w[key])
+    assert min(agree) >= 0.999  # (a rounding tie may flip between two float summation orders)
+    assert min(agree_float[len(LINEARS):]) < 0.95  # later layers see quantized inputs: different codes
