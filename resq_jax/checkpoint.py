@@ -260,6 +260,16 @@ def expected_packed_shapes(config, layouts: Mapping) -> dict[str, tuple[tuple[in
                     out[f"{p}{name}.w_{b}"] = (lay.stored_shape(b), "int8")
                     out[f"{p}{name}.scale_{b}"] = ((lay.d_out,), "float32")
                     out[f"{p}{name}.colsum_{b}"] = ((lay.groups, lay.d_out), "int32")
+            if lay.rank:
+                k = lay.rank
+                for b in ("low", "high"):
+                    if lay.rows(b):
+                        out[f"{p}{name}.lr_a_{b}"] = ((lay.groups, lay.rows(b), k), "int8")
+                        out[f"{p}{name}.lr_a_colsum_{b}"] = ((lay.groups, k), "int32")
+                out[f"{p}{name}.lr_a_scale"] = ((k,), "float32")
+                out[f"{p}{name}.lr_b"] = ((1, k, lay.d_out), "int8")
+                out[f"{p}{name}.lr_b_colsum"] = ((1, lay.d_out), "int32")
+                out[f"{p}{name}.lr_b_scale"] = ((lay.d_out,), "float32")
             if config.attention_bias and name in ("q", "k", "v"):
                 out[f"{p}{name}.bias"] = ((lay.d_out,), "float32")
     return out

@@ -47,12 +47,14 @@ from jax import lax
 
 from models.config import ModelConfig
 from models.decoder import SiteHooks
-from resq_jax.quantizers import MXINT_WIDTHS, check_bits, fake_quant_mxint, fake_quant_weight
+from resq_jax.quantizers import (MXINT_WIDTHS, WeightCodes, check_bits, dequantize_weight, fake_quant_mxint,
+                                 fake_quant_weight, quantize_weight_sym)
 
 __all__ = [
     "LQERConfigError", "OFF", "MXINT_BLOCK", "SCALE_FLOOR", "LINEARS", "LINEAR_SITES", "QUANTIZED_SITES",
     "l2qer_scale", "lowrank_correction", "LQERSpec", "MXIntHooks", "quantize_weight",
     "quantize_lowrank", "correct_linear", "lqer_quantize_weights", "int_lowrank_weights",
+    "int_lowrank_codes",
 ]
 
 OFF = 16  # a width >= OFF leaves that quantizer off
@@ -354,10 +356,19 @@ def int_lowrank_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], 
     ``layers.{i}.{name}_lr_a`` [d_in, k] / ``_lr_b`` [k, d_out], each fake-quantized symmetric
     per column to ``bits`` (float32 arithmetic). Run the result with hooks that quantize the
     ``lowrank`` site (``FakeQuantHooks`` with ``ActivationSpec.lowrank_bits``)."""
+    return int_lowrank_codes(config, weights, weights_q, rank, abs_mean, bits)[0]
+
+
+def int_lowrank_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], weights_q: Mapping[str, np.ndarray],
+                      rank: int, abs_mean: Mapping[str, np.ndarray] | None = None,
+                      bits: int = 8) -> tuple[dict, dict[str, WeightCodes]]:
+    """``int_lowrank_weights`` and the integer codes of every ``_lr_a`` / ``_lr_b`` (WeightCodes,
+    one block; empty when bits >= 16), which dequantize exactly to the weights' values."""
     check_bits(bits, "bits", allow_off=True)
     if abs_mean is not None:
         _check_abs_mean(config, weights, abs_mean)
     out = dict(weights_q)
+    codes: dict[str, WeightCodes] = {}
     for i in range(config.num_layers):
         for name in LINEARS:
             key = f"layers.{i}.{name}"
@@ -366,9 +377,10 @@ def int_lowrank_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], 
                 a, b = lowrank_correction(weights[key], weights_q[key], rank, scale)
             except LQERConfigError as e:
                 raise LQERConfigError(f"{key}: {e}") from None
-            a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-            if bits < OFF:
-                a32, b32 = fake_quant_weight(a32, bits), fake_quant_weight(b32, bits)
-            out[key + "_lr_a"] = np.asarray(a32)
-            out[key + "_lr_b"] = np.asarray(b32)
-    return out
+            for suffix, m in (("_lr_a", a), ("_lr_b", b)):
+                m32 = jnp.asarray(m, jnp.float32)
+                if bits < OFF:
+                    codes[key + suffix] = quantize_weight_sym(m32, bits)
+                    m32 = dequantize_weight(codes[key + suffix])
+                out[key + suffix] = np.asarray(m32)
+    return out, codes

@@ -28,7 +28,7 @@ from models.config import ModelConfig
 from resq_jax import fusion
 from resq_jax.calibration import CalibrationStats, calibrate
 from resq_jax.fake_quant import OFF, ActivationSpec, FakeQuantHooks, WeightSpec, fake_quantize_key_rotation
-from resq_jax.lqer import int_lowrank_weights, lqer_quantize_weights
+from resq_jax.lqer import int_lowrank_codes, lqer_quantize_weights
 from resq_jax.projections import (block_diag_rotation, damped_eigh, hadamard_factor, hadamard_matrix, high_rank,
                                   randomized_hadamard)
 from resq_jax.quantizers import check_bits
@@ -272,10 +272,11 @@ def apply_transforms(config: ModelConfig, weights: Mapping[str, np.ndarray], t: 
 
 
 def _int_lowrank(config: ModelConfig, w_float: Mapping[str, np.ndarray], w_q: Mapping[str, np.ndarray],
-                 qc: QuantConfig, calib_windows: np.ndarray, progress: bool, seconds: dict) -> dict:
+                 qc: QuantConfig, calib_windows: np.ndarray, progress: bool, seconds: dict) -> tuple[dict, dict]:
     """L2QER correction of integer-quantized (e.g. ResQ) weights: the scale comes from the
     activation magnitudes of the transformed float model (a second calibration pass), the
-    error is against the transformed float weights; A, B are int8."""
+    error is against the transformed float weights; A, B are int8. Returns (weights with the
+    ``_lr_a`` / ``_lr_b`` matrices, their WeightCodes)."""
     from models.decoder import from_weights
 
     t0 = time.perf_counter()
@@ -284,7 +285,7 @@ def _int_lowrank(config: ModelConfig, w_float: Mapping[str, np.ndarray], w_q: Ma
         abs_mean = calibrate(from_weights(config, w_float), calib_windows, progress=progress).abs_mean
     seconds["calibrate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = int_lowrank_weights(config, w_float, w_q, qc.rank_used, abs_mean, bits=LOWRANK_BITS)
+    out = int_lowrank_codes(config, w_float, w_q, qc.rank_used, abs_mean, bits=LOWRANK_BITS)
     seconds["quantize"] += time.perf_counter() - t0
     return out
 
@@ -384,7 +385,8 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
                 w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)
         seconds["quantize"] = time.perf_counter() - t0
         if recipe.quantize and qc.rank_used:
-            w = _int_lowrank(config, w_float, w, qc, calib_windows, progress, seconds)
+            w, lr_codes = _int_lowrank(config, w_float, w, qc, calib_windows, progress, seconds)
+            codes = {**codes, **lr_codes}
     details["weight_bits"] = weight_bits(config, qc)
     log(f"{qc.method}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return QuantizedModel(config=config, weights=w, hooks=hooks, qconfig=qc, transforms=transforms,

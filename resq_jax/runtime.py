@@ -50,7 +50,7 @@ from resq_jax.quantizers import pytree_dataclass as _pytree_dataclass
 
 __all__ = ["PackError", "check_packable_config", "ActQuant", "LinearLayout", "PackedLinear", "PackedHooks", "KVCodes",
            "QuantizedKVCache", "PackedModel", "pack_model", "packed_decoder", "init_packed_cache",
-           "linear_accumulators", "quantize_input", "LINEAR_INPUT_SITES"]
+           "linear_accumulators", "linear_lowrank", "quantize_input", "LINEAR_INPUT_SITES"]
 
 _F32 = jnp.float32
 LINEAR_INPUT_SITES = ("attn_in", "mlp_in", "o_in", "down_in")  # quantized inside the packed linears
@@ -91,6 +91,8 @@ class LinearLayout:
     w_low_bits: int
     w_high_bits: int
     act: ActQuant
+    rank: int = 0  # k of an L2QER correction Q(Q(x) A) B (0: none); A, B int8 per column
+    lowrank_bits: int = 8  # per-token activation bits of x @ A
 
     def rows(self, block: str) -> int:
         return self.low_rows if block == "low" else self.high_rows
@@ -174,7 +176,10 @@ def _var(a):
 class PackedLinear(nnx.Module):
     """A decoder linear on integer codes (module docstring). Arrays, for each block b in
     (low, high) present in the layout: ``w_b`` stored int8 codes (LinearLayout.stored_shape),
-    ``scale_b`` f32 [N], ``colsum_b`` int32 [G, N]; ``bias`` f32 [N] or None."""
+    ``scale_b`` f32 [N], ``colsum_b`` int32 [G, N]; ``bias`` f32 [N] or None. With
+    ``layout.rank`` k > 0, the low-rank correction's int8 codes: ``lr_a_b`` [G, rows_b, k] (A's
+    rows in the weight's block layout), ``lr_a_colsum_b`` int32 [G, k], ``lr_a_scale`` f32 [k],
+    ``lr_b`` [1, k, N], ``lr_b_colsum`` int32 [1, N], ``lr_b_scale`` f32 [N]."""
 
     def __init__(self, layout: LinearLayout, arrays: Mapping[str, np.ndarray]):
         self.layout = layout
@@ -182,6 +187,10 @@ class PackedLinear(nnx.Module):
             present = layout.rows(b) > 0
             for f in ("w", "scale", "colsum"):
                 setattr(self, f"{f}_{b}", _var(arrays[f"{f}_{b}"] if present else None))
+            for f in ("lr_a", "lr_a_colsum"):
+                setattr(self, f"{f}_{b}", _var(arrays[f"{f}_{b}"] if present and layout.rank else None))
+        for f in ("lr_a_scale", "lr_b", "lr_b_colsum", "lr_b_scale"):
+            setattr(self, f, _var(arrays[f] if layout.rank else None))
         self.bias = _var(arrays.get("bias"))
 
     def accumulators(self, x: jax.Array) -> tuple[dict[str, jax.Array], dict]:
@@ -195,6 +204,21 @@ class PackedLinear(nnx.Module):
             accs[b] = block_accumulator(xq, zero, wq, getattr(self, f"colsum_{b}")[...])
         return accs, codes
 
+    def lowrank_accumulators(self, codes: dict) -> tuple[jax.Array, jax.Array, dict]:
+        """The correction Q(Q(x) A) B from the input's codes (quantize_input of x: [M, K]):
+        t = sum_b s_b sA (int32 acc of (q_b - z_b) A_b): [M, k], quantized per token to
+        ``lowrank_bits`` (the fake path's ``lowrank`` site), then its integer product with B.
+        Returns (t float32 [M, k], int32 [1, M, N] accumulator of B, t's codes)."""
+        lay = self.layout
+        t = None
+        for b, (xq, scale, zero) in codes.items():
+            acc = block_accumulator(xq, zero, getattr(self, f"lr_a_{b}")[...], getattr(self, f"lr_a_colsum_{b}")[...])
+            term = block_output(acc, scale, self.lr_a_scale[...])
+            t = term if t is None else t + term
+        t_codes = quantize_input(t, ActQuant(lay.lowrank_bits, OFF, 0))
+        tq, _, tz = t_codes["low"]
+        return t, block_accumulator(tq, tz, self.lr_b[...], self.lr_b_colsum[...]), t_codes
+
     def __call__(self, x: jax.Array, hooks=None) -> jax.Array:
         """x: [..., K] -> y: [..., N] (computed in float32, returned in x's dtype)."""
         lead = x.shape[:-1]
@@ -203,6 +227,9 @@ class PackedLinear(nnx.Module):
         for b, c in accs.items():
             term = block_output(c, codes[b][1], getattr(self, f"scale_{b}")[...])
             y = term if y is None else y + term
+        if self.layout.rank:
+            _, acc, t_codes = self.lowrank_accumulators(codes)
+            y = y + block_output(acc, t_codes["low"][1], self.lr_b_scale[...])
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*lead, self.layout.d_out).astype(x.dtype)
@@ -217,6 +244,21 @@ def linear_accumulators(lin: PackedLinear, x: jax.Array) -> dict[str, np.ndarray
 @functools.partial(jax.jit, static_argnums=0)
 def _accumulators(graphdef, state, x):
     return nnx.merge(graphdef, state).accumulators(x)[0]
+
+
+def linear_lowrank(lin: PackedLinear, x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Jitted low-rank branch of a packed linear with rank k on x: [M, K]: (t = Q(x) A float32
+    [M, k], int32 [1, M, N] zero-corrected accumulator of Q(t) B)."""
+    graphdef, state = nnx.split(lin)
+    t, acc = _lowrank(graphdef, state, x)
+    return np.asarray(t), np.asarray(acc)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lowrank(graphdef, state, x):
+    lin = nnx.merge(graphdef, state)
+    t, acc, _ = lin.lowrank_accumulators(quantize_input(x, lin.layout.act))
+    return t, acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,8 +411,14 @@ def _layouts(config: ModelConfig, spec: ActivationSpec, codes: Mapping[str, Weig
             raise PackError(f"{name}: the weights have {c.q_high.shape[0]} high rows for {groups} group(s), the "
                             f"activations {act.high} high channels per group: quantize weights and activations "
                             "with the same --high-fraction")
+        lr = codes.get(f"layers.0.{name}_lr_a")
+        rank = 0 if lr is None else lr.q_low.shape[1]
+        if rank and spec.lowrank_bits >= OFF:
+            raise PackError(f"{name}: a low-rank correction whose x @ A is not quantized (lowrank_bits "
+                            f"{spec.lowrank_bits}); the packed runtime needs integer activations")
         out[name] = LinearLayout(d_in=d_in, d_out=d_out, groups=groups, low_rows=d_in // groups - high_rows,
-                                 high_rows=high_rows, w_low_bits=c.low_bits, w_high_bits=c.high_bits, act=act)
+                                 high_rows=high_rows, w_low_bits=c.low_bits, w_high_bits=c.high_bits, act=act,
+                                 rank=rank, lowrank_bits=spec.lowrank_bits if rank else 8)
     return out
 
 
@@ -382,10 +430,7 @@ def check_packable_config(qc) -> None:
         raise PackError(f"method {qc.method!r} with w_bits={qc.w_bits} leaves the weights in float: nothing to pack")
     if getattr(recipe, "formats", "int") != "int":
         raise PackError(f"method {qc.method!r} uses MXINT formats; the packed runtime runs the integer recipes "
-                        "(rtn, gptq, quarot, resq) only")
-    if getattr(qc, "rank_used", 0):
-        raise PackError(f"method {qc.method!r} has a low-rank (LQER) correction, which the packed runtime does not "
-                        "implement yet")
+                        "(rtn, gptq, quarot, resq, resq+l2qer) only")
     if qc.a_bits >= OFF or (qc.fraction > 0 and qc.high_bits >= OFF):
         raise PackError(f"the packed runtime needs integer activations (a_bits={qc.a_bits}, "
                         f"high_bits={qc.high_bits}); use --a-bits and --high-bits in 2..8")
@@ -395,11 +440,12 @@ def _check_packable(qm) -> ActivationSpec:
     hooks = qm.hooks
     if type(hooks) is not FakeQuantHooks:
         raise PackError(f"method {qm.qconfig.method!r} uses {type(hooks).__name__}; the packed runtime runs the "
-                        "integer recipes (rtn, gptq, quarot, resq) only")
+                        "integer recipes (rtn, gptq, quarot, resq, resq+l2qer) only")
     spec = hooks.spec
-    if any(k.endswith("_lr_a") for k in qm.weights):
-        raise PackError(f"method {qm.qconfig.method!r} has a low-rank (LQER) correction, which the packed runtime "
-                        "does not implement yet: evaluate it with fake quantization")
+    missing = [k for k in qm.weights if k.endswith(("_lr_a", "_lr_b")) and k not in qm.codes]
+    if missing:
+        raise PackError(f"{missing[0]}: a low-rank correction without integer codes (A and B must be quantized "
+                        "to int8, as resq+l2qer does); evaluate it with fake quantization")
     if not qm.codes:
         raise PackError("the model's weights are not quantized (w_bits 16 or method 'none'): nothing to pack")
     bad = [f"{n}={getattr(spec, n)}" for n in ("a_bits", "down_bits") if getattr(spec, n) >= OFF]
@@ -440,10 +486,38 @@ def _linear_codes(config: ModelConfig, lay: LinearLayout, codes: WeightCodes, w_
     return out
 
 
+def _lowrank_codes(lay: LinearLayout, perm: np.ndarray | None, a: WeightCodes, b: WeightCodes,
+                   a_fake: np.ndarray, b_fake: np.ndarray, key: str) -> dict[str, np.ndarray]:
+    """Int8 arrays of a linear's low-rank correction (PackedLinear's ``lr_*``): A [d_in, k] in
+    the rows order and blocks of the weight (``perm``: o_proj's head layout), B [k, d_out]."""
+    for c, fake, what in ((a, a_fake, "A"), (b, b_fake, "B")):
+        if c.q_high.shape[0] or c.group_size is not None or c.low_bits > 8:
+            raise PackError(f"{key}: the low-rank {what} must be int8 codes with one scale per column")
+        if not np.array_equal(np.asarray(dequantize_weight(c)), fake):
+            raise PackError(f"{key}: the low-rank {what} codes do not dequantize to the model's matrix; "
+                            "re-run quantize_model")
+    qa = np.asarray(a.q_low, np.int8)
+    qa = qa if perm is None else qa[perm]
+    g, k = lay.groups, qa.shape[1]
+    n_low = g * lay.low_rows
+    out = {"lr_a_scale": np.asarray(a.scale_low, np.float32).reshape(k)}
+    for blk, rows in (("low", qa[:n_low]), ("high", qa[n_low:])):
+        if lay.rows(blk):
+            rows = rows.reshape(g, lay.rows(blk), k)
+            out[f"lr_a_{blk}"] = rows
+            out[f"lr_a_colsum_{blk}"] = rows.sum(axis=1, dtype=np.int32)
+    qb = np.asarray(b.q_low, np.int8)[None]
+    out.update(lr_b=qb, lr_b_colsum=qb.sum(axis=1, dtype=np.int32),
+               lr_b_scale=np.asarray(b.scale_low, np.float32).reshape(-1))
+    return out
+
+
 def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
     """A fake-quant methods.QuantizedModel -> PackedModel (integer recipes, weights quantized,
     integer activations; see PackError). Embeddings and lm_head are stored in ``embed_dtype``
     (16 bits, REFERENCE.md section 3; np.float32 keeps the fake path's values exactly)."""
+    from resq_jax.fake_quant import head_high_last_permutation
+
     spec = _check_packable(qm)
     config, w = qm.config, qm.weights
     layouts = _layouts(config, spec, qm.codes)
@@ -458,8 +532,15 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
                 arrays[p + k] = np.asarray(w[p + k], np.float32)
         for name in LINEARS:
             key = p + name
-            packed = _linear_codes(config, layouts[name], qm.codes[key], np.asarray(w[key], np.float32), key,
+            lay = layouts[name]
+            packed = _linear_codes(config, lay, qm.codes[key], np.asarray(w[key], np.float32), key,
                                    w.get(key + "_bias"))
+            if lay.rank:
+                perm = (head_high_last_permutation(config.num_heads, config.head_dim, lay.high_rows)
+                        if name == "o" and lay.high_rows else None)
+                packed.update(_lowrank_codes(lay, perm, qm.codes[key + "_lr_a"], qm.codes[key + "_lr_b"],
+                                             np.asarray(w[key + "_lr_a"], np.float32),
+                                             np.asarray(w[key + "_lr_b"], np.float32), key))
             arrays.update({f"{key}.{f}": a for f, a in packed.items()})
     hadamard = {int(w.get(f"layers.{i}.down_hadamard", 0) or 0) for i in range(config.num_layers)}
     if len(hadamard) != 1:
