@@ -181,8 +181,13 @@ class PackedLinear(nnx.Module):
     rows in the weight's block layout), ``lr_a_colsum_b`` int32 [G, k], ``lr_a_scale`` f32 [k],
     ``lr_b`` [1, k, N], ``lr_b_colsum`` int32 [1, N], ``lr_b_scale`` f32 [N]."""
 
-    def __init__(self, layout: LinearLayout, arrays: Mapping[str, np.ndarray]):
+    def __init__(self, layout: LinearLayout, arrays: Mapping[str, np.ndarray], impl: str = "auto"):
+        from resq_jax.kernels.mixed_gemm import IMPLS
+
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.layout = layout
+        self.impl = impl  # "auto": the Triton mixed GEMM where it applies on a GPU, else XLA's integer dot
         for b in BLOCKS:
             present = layout.rows(b) > 0
             for f in ("w", "scale", "colsum"):
@@ -219,8 +224,38 @@ class PackedLinear(nnx.Module):
         tq, _, tz = t_codes["low"]
         return t, block_accumulator(tq, tz, self.lr_b[...], self.lr_b_colsum[...]), t_codes
 
+    def triton_applies(self) -> bool:
+        """Whether the Triton mixed GEMM (resq_jax.kernels.mixed_gemm) can run this linear: one
+        activation group per token (not o_proj's per-head groups), no low-rank correction, a
+        low block of <= 4 bits with an even number of rows and a high block of <= 8 bits whose
+        width equals the activations' high channels."""
+        lay = self.layout
+        return (lay.groups == 1 and not lay.rank and lay.w_low_bits <= 4 and lay.act.low_bits <= 4
+                and lay.low_rows > 0 and lay.low_rows % 2 == 0 and lay.high_rows == lay.act.high
+                and (lay.high_rows == 0 or (lay.w_high_bits <= 8 and lay.act.high_bits <= 8)))
+
+    def _mixed_gemm(self, x: jax.Array, impl: str) -> jax.Array:
+        """y through kernels.mixed_gemm (quantize_pack + the fused int4/int8 GEMM), float32."""
+        from resq_jax.kernels import mixed_gemm as mg
+
+        lay = self.layout
+        high = lay.high_rows > 0
+        pw = mg.PackedWeights(w4=self.w_low[...][0], scale4=self.scale_low[...], colsum4=self.colsum_low[...][0],
+                              w8=self.w_high[...][0] if high else None, scale8=self.scale_high[...] if high else None,
+                              colsum8=self.colsum_high[...][0] if high else None,
+                              bias=None if self.bias is None else self.bias[...])
+        px = mg.quantize_pack(x.astype(_F32), lay.act.high, lay.act.low_bits, lay.act.high_bits if high else 8,
+                              impl=impl)
+        return mg.mixed_gemm(px, pw, impl=impl, out_dtype=_F32)
+
     def __call__(self, x: jax.Array, hooks=None) -> jax.Array:
-        """x: [..., K] -> y: [..., N] (computed in float32, returned in x's dtype)."""
+        """x: [..., K] -> y: [..., N] (computed in float32, returned in x's dtype). With impl
+        "triton" (or "auto" on a GPU with jax_triton) a linear that ``triton_applies`` runs the
+        Triton kernels; the others, and every linear on CPU, XLA's integer dot below."""
+        from resq_jax.kernels.mixed_gemm import select_impl
+
+        if self.impl != "jnp" and self.triton_applies() and select_impl(self.impl) == "triton":
+            return self._mixed_gemm(x, "triton").astype(x.dtype)
         lead = x.shape[:-1]
         accs, codes = self.accumulators(x.reshape(-1, x.shape[-1]))
         y = None
@@ -551,9 +586,11 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
                        qconfig=qm.qconfig.to_dict(), transforms=transforms)
 
 
-def packed_decoder(pm: PackedModel) -> Decoder:
+def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
     """The models.decoder.Decoder of a PackedModel (float params in float32, PackedLinear linears);
-    run it with ``pm.hooks`` (and ``init_packed_cache`` for generation)."""
+    run it with ``pm.hooks`` (and ``init_packed_cache`` for generation). ``impl`` selects the
+    GEMM of the linears (PackedLinear): "auto" (Triton kernels on an NVIDIA GPU, XLA elsewhere),
+    "jnp" (XLA's integer dot everywhere) or "triton"."""
     from models.decoder import from_weights
 
     weights: dict = {k: np.asarray(v, np.float32) for k, v in pm.arrays.items()
@@ -563,5 +600,5 @@ def packed_decoder(pm: PackedModel) -> Decoder:
         if pm.down_hadamard:
             weights[f"layers.{i}.down_hadamard"] = pm.down_hadamard
         for name in LINEARS:
-            weights[f"layers.{i}.{name}"] = PackedLinear(pm.layouts[name], pm.linear_arrays(i, name))
+            weights[f"layers.{i}.{name}"] = PackedLinear(pm.layouts[name], pm.linear_arrays(i, name), impl)
     return from_weights(pm.config, weights)

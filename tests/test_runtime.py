@@ -214,6 +214,29 @@ def test_packed_layers_match_fake_quant(tiny, tiny_resq):
         x = jnp.asarray(y_fake)
 
 
+def test_linears_through_the_mixed_gemm_module(tiny_resq):
+    """The kernel path's wiring on CPU: for each linear the Triton GEMM can run (not o_proj's
+    per-head groups), the stored arrays through kernels.mixed_gemm's jnp reference (the numerics
+    the Triton kernels match, test_triton_kernels) equal the runtime's XLA path to float rounding;
+    impl "auto" on CPU is the XLA path."""
+    qm, pm = tiny_resq
+    packed = packed_decoder(pm)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, qm.config.hidden_size)), jnp.float32)
+    ran = []
+    for name in LINEARS:
+        lin = getattr(packed.layers[1], name)
+        assert lin.impl == "auto" and lin.triton_applies() == (name != "o")
+        if not lin.triton_applies():
+            continue
+        xin = x if lin.layout.d_in == x.shape[-1] else jnp.tile(x, (1, 1, -(-lin.layout.d_in // x.shape[-1])))[
+            ..., :lin.layout.d_in]
+        y = np.asarray(lin(xin))
+        y_mg = np.asarray(lin._mixed_gemm(xin, "jnp"))
+        assert np.abs(y_mg - y).max() <= 1e-5 * np.abs(y).max(), name
+        ran.append(name)
+    assert ran == ["q", "k", "v", "gate", "up", "down"]
+
+
 def test_kv_codes_equal_fake_quant(tiny_resq):
     """The cache's codes are quantize_mixed's; dequantized they are the fake-quant K/V bitwise."""
     qm, pm = tiny_resq

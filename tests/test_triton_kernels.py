@@ -254,6 +254,16 @@ def test_jax_launchers_with_stand_in(interpreted):
         assert g["shape"][0] == 1  # the leading batch axis survived
 
 
+@needs_triton
+def test_runtime_packed_linear_runs_the_triton_kernels(interpreted):
+    """resq_jax.runtime.PackedLinear(impl="triton") feeds its stored arrays to the Triton kernels
+    (through the jax launchers and the stand-in) and equals its XLA integer-dot path."""
+    assert interpreted["packed_linear"], "no PackedLinear check ran"
+    for g in interpreted["packed_linear"]:
+        assert g["ok"] and g["max_over_mag"] <= 64 * EPS32, g
+        assert g["shape"][0] == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time compile
 # ----------------------------------------------------------------------------------------------

@@ -235,13 +235,43 @@ def run_jax_glue(case: Case, device: str = "cpu") -> dict:
                 shape=list(y.shape), max_abs=d)
 
 
+def run_packed_linear(case: Case, device: str = "cpu") -> dict:
+    """resq_jax.runtime.PackedLinear with impl="triton" (the jax launchers, jax_triton replaced by
+    the stand-in) against the same linear on XLA's integer dot (impl="jnp"), called eagerly on
+    x: [2, M, K]: the arrays the runtime stores feed the Triton kernels unchanged."""
+    from resq_jax import runtime
+
+    _install_stand_in(device)
+    x, w, bias = make_inputs(case)
+    x = jnp.asarray(np.stack([np.asarray(x), np.asarray(x)[::-1]]))
+    codes = quantizers.quantize_weight_sym(w, 4, 8, case.r)
+    k, n = w.shape
+    lay = runtime.LinearLayout(d_in=k, d_out=n, groups=1, low_rows=k - case.r, high_rows=case.r, w_low_bits=4,
+                               w_high_bits=8, act=runtime.ActQuant(4, 8, case.r))
+    arrays = {} if bias is None else {"bias": np.asarray(bias, np.float32)}
+    for b, q, scale in (("low", codes.q_low, codes.scale_low), ("high", codes.q_high, codes.scale_high)):
+        if lay.rows(b):
+            q = np.asarray(q, np.int8)[None]
+            arrays.update({f"w_{b}": runtime.pack_block_np(q, lay.bits(b)), f"scale_{b}": np.asarray(scale[0]),
+                           f"colsum_{b}": q.sum(axis=1, dtype=np.int32)})
+    tri, ref = (runtime.PackedLinear(lay, arrays, impl) for impl in ("triton", "jnp"))
+    y, y_ref = tri(x), ref(x)
+    d = float(jnp.max(jnp.abs(y - y_ref)))
+    scale = float(jnp.max(jnp.abs(y_ref)))
+    ok = tri.triton_applies() and y.shape == y_ref.shape and y.dtype == y_ref.dtype and d <= 64 * _EPS32 * scale
+    return dict(case=case.name, ok=bool(ok), shape=list(y.shape), max_abs=d, max_over_mag=d / max(scale, 1e-30))
+
+
 def run(cases=CASES, device: str = "cpu", glue_cases=QUICK_CASES[:3]) -> dict:
-    """All cases -> {"device", "interpret", "cases": [...], "jax_glue": [...], "ok"}."""
+    """All cases -> {"device", "interpret", "cases": [...], "jax_glue": [...], "packed_linear":
+    [...], "ok"}."""
     results = [run_case(c, device) for c in cases]
     glue = [run_jax_glue(c, device) for c in glue_cases]
+    linear = [run_packed_linear(c, device) for c in glue_cases]
     return dict(device=device, interpret=os.environ.get("TRITON_INTERPRET") == "1",
                 jax_backend=jax.default_backend(),
-                ok=all(r["ok"] for r in results + glue), cases=results, jax_glue=glue)
+                ok=all(r["ok"] for r in results + glue + linear), cases=results, jax_glue=glue,
+                packed_linear=linear)
 
 
 def main(argv=None) -> int:
@@ -264,6 +294,9 @@ def main(argv=None) -> int:
     for g in res["jax_glue"]:
         print(f"{'ok  ' if g['ok'] else 'FAIL'} jax launchers {g['case']}: codes {g['codes_equal']}, "
               f"acc {g['acc_equal']}, f32 max {g['max_abs']:.3g}")
+    for g in res["packed_linear"]:
+        print(f"{'ok  ' if g['ok'] else 'FAIL'} runtime PackedLinear on triton {g['case']}: "
+              f"f32 max {g['max_abs']:.3g} (/mag {g['max_over_mag']:.3g})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
