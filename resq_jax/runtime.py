@@ -20,6 +20,15 @@ quantizer's own (``QuantizedModel.codes``). Per block b:
 Weights with at most 4 bits are stored two per byte along K (packing.py: low nibble = even
 index) and unpacked to int8 inside the jitted graph; 5..8-bit blocks are int8. This is the CPU
 path (XLA's integer dot); the epilogue's order matches resq_jax.kernels.mixed_gemm's reference.
+On an NVIDIA GPU (impl "auto" with jax_triton importable, or "triton") the linears with one
+activation group per token and no low-rank term (q/k/v, gate/up, down) run the Triton
+quantize-and-pack and mixed GEMM kernels on the same stored arrays instead; o_proj (per-head
+groups) and L2QER's low-rank terms stay on XLA's integer dot.
+
+An L2QER correction (``resq+l2qer``) adds Q(Q(x) A) B with int8 A [K, k] and B [k, N] (one
+scale per column): t = sum_b s_b sA ((q_b - z_b) A_b) from the input's codes (A's rows split
+like the weight's blocks), t quantized per token to ``lowrank_bits`` (the fake path's lowrank
+site), then the integer product with B and its epilogue.
 
 What stays as in the fake-quant model: embeddings and lm_head (stored in 16 bits, computed in
 float32), RMSNorm, RoPE, Q, softmax and P.V in float32. ResQ's int8 model of the online key
