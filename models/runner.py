@@ -46,13 +46,34 @@ def head_logits(graphdef, state, x):
 
 
 class LayerStreamer:
-    """Splits a Decoder into per-layer (graphdef, state) pairs for streamed jitted execution."""
+    """Splits a Decoder into per-layer (graphdef, state) pairs for streamed jitted execution.
+
+    ``LayerStreamer.from_weights(config, weights)`` streams a weights dict instead: each layer is
+    built (its arrays put on the device) when it is used and dropped after, so only the
+    embeddings, the head and one layer live on the device (calibration and GPTQ of models
+    whose float weights fill the host's memory)."""
 
     def __init__(self, model: Decoder):
         self.config = model.config
         self.inv_freq = model.inv_freq
         self.layers = [nnx.split(layer) for layer in model.layers]
-        self.head_parts = nnx.split(_HeadView(model))
+        self.head_parts = nnx.split(_HeadView(model.config, model.embed, model.norm, model.lm_head))
+
+    @classmethod
+    def from_weights(cls, config, weights) -> "LayerStreamer":
+        """A streamer over ``weights`` (the naming contract of models/config.py) that builds
+        layer i only when ``layers[i]`` is read."""
+        from models.decoder import _param
+        from models.rope import inverse_frequencies
+
+        self = cls.__new__(cls)
+        self.config = config
+        self.inv_freq = jnp.asarray(inverse_frequencies(config))
+        self.layers = _LazyLayers(config, weights)
+        head = weights.get("lm_head")
+        self.head_parts = nnx.split(_HeadView(config, _param(weights["embed"]), _param(weights["norm"]),
+                                              None if head is None else _param(head)))
+        return self
 
     def embed(self, tokens):
         g, s = self.head_parts
@@ -86,14 +107,31 @@ class LayerStreamer:
         return head_logits(g, s, self.hidden(tokens, hooks))
 
 
+class _LazyLayers:
+    """layers[i] -> (graphdef, state) of DecoderLayer i built from a weights dict on each access."""
+
+    def __init__(self, config, weights):
+        self.config, self.weights = config, weights
+
+    def __len__(self):
+        return self.config.num_layers
+
+    def __getitem__(self, i):
+        from models.decoder import DecoderLayer
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"layer {i} of a {len(self)}-layer model")
+        return nnx.split(DecoderLayer(self.config, self.weights, i % len(self)))
+
+
 class _HeadView(nnx.Module):
     """The non-layer parts of a Decoder (embeddings, final norm, lm_head)."""
 
-    def __init__(self, model: Decoder):
-        self.config = model.config
-        self.embed = model.embed
-        self.norm = model.norm
-        self.lm_head = nnx.data(model.lm_head)
+    def __init__(self, config, embed, norm, lm_head):
+        self.config = config
+        self.embed = embed
+        self.norm = norm
+        self.lm_head = nnx.data(lm_head)
 
     embed_tokens = Decoder.embed_tokens
     head = Decoder.head

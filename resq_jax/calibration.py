@@ -99,9 +99,10 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices), ("data",))
 
 
-def calibrate(model: Decoder, windows: np.ndarray, *, per_device_batch: int = 1,
+def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_device_batch: int = 1,
               hooks: SiteHooks = IDENTITY, devices=None, progress: bool = True) -> CalibrationStats:
-    """Stream the calibration windows [N, T] through the model and collect statistics.
+    """Stream the calibration windows [N, T] through the model (a Decoder, or a
+    ``LayerStreamer.from_weights`` that builds one layer at a time) and collect statistics.
 
     Each step gives every device ``per_device_batch`` windows, so N must be a multiple of
     ``per_device_batch * n_devices`` (no padding: padded windows would bias the statistics).
@@ -116,8 +117,8 @@ def calibrate(model: Decoder, windows: np.ndarray, *, per_device_batch: int = 1,
         raise ValueError(
             f"{windows.shape[0]} calibration windows do not split evenly over {n_dev} device(s) x "
             f"{per_device_batch} windows per device: use a multiple of {step_windows}")
-    streamer = LayerStreamer(model)
-    cfg = model.config
+    streamer = model if isinstance(model, LayerStreamer) else LayerStreamer(model)
+    cfg = streamer.config
     n_layers = cfg.num_layers
     t = windows.shape[1]
     positions, rope = streamer.rope(t)

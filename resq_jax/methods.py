@@ -277,12 +277,12 @@ def _int_lowrank(config: ModelConfig, w_float: Mapping[str, np.ndarray], w_q: Ma
     activation magnitudes of the transformed float model (a second calibration pass), the
     error is against the transformed float weights; A, B are int8. Returns (weights with the
     ``_lr_a`` / ``_lr_b`` matrices, their WeightCodes)."""
-    from models.decoder import from_weights
+    from models.runner import LayerStreamer
 
     t0 = time.perf_counter()
     abs_mean = None
     if qc.recipe.lowrank == "l2qer":
-        abs_mean = calibrate(from_weights(config, w_float), calib_windows, progress=progress).abs_mean
+        abs_mean = calibrate(LayerStreamer.from_weights(config, w_float), calib_windows, progress=progress).abs_mean
     seconds["calibrate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     out = int_lowrank_codes(config, w_float, w_q, qc.rank_used, abs_mean, bits=LOWRANK_BITS)
@@ -338,7 +338,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
                    calib_windows: np.ndarray | None = None, *, stats: CalibrationStats | None = None,
                    progress: bool = True, log: Callable[[str], None] = lambda s: None) -> QuantizedModel:
     """The whole pipeline for one recipe: prepare -> calibrate -> transforms -> fuse -> quantize."""
-    from models.decoder import from_weights
+    from models.runner import LayerStreamer
 
     recipe = qc.recipe
     check_hadamard_sizes(config, recipe)
@@ -352,7 +352,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
         raise QuantConfigError(f"method {qc.method!r} needs calibration windows")
     if recipe.needs_calibration and stats is None:
         t0 = time.perf_counter()
-        stats = calibrate(from_weights(config, w), calib_windows, progress=progress)
+        stats = calibrate(LayerStreamer.from_weights(config, w), calib_windows, progress=progress)
         seconds["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if recipe.residual == "pca":

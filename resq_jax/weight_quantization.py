@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.decoder import IDENTITY, site_recorder, from_weights
+from models.decoder import IDENTITY, site_recorder
 from models.runner import LayerStreamer
 from resq_jax.fake_quant import LINEARS, OFF, WeightSpec, linear_high_rows
 from resq_jax.quantizers import WeightCodes, dequantize_weight, quantize_weight_sym
@@ -186,7 +186,7 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
     if spec.w_bits >= OFF:
         return QuantizedWeights(out, codes)
     windows = np.asarray(windows, np.int32)
-    streamer = LayerStreamer(from_weights(config, out))
+    streamer = LayerStreamer.from_weights(config, out)  # embeddings only: layers are built below
     positions, rope = streamer.rope(windows.shape[1])
     xs = [streamer.embed(jnp.asarray(windows[s:s + batch_size])) for s in range(0, len(windows), batch_size)]
     scale = 2.0 / windows.size

@@ -152,12 +152,17 @@ def gemm_floor(config, tokens: int, repeats: int = 3) -> dict:
 def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: int,
            weight_quantizer: str = "gptq") -> dict:
     """ResQ W4A4KV4 stage times (GPTQ weights by default: GPTQ seconds per layer too) and peak
-    memory; meant to run in a fresh process."""
+    memory (after loading, after calibrating, at the end) against the model's float32 size and
+    one layer's; meant to run in a fresh process."""
+    import numpy as np
+
     from models.decoder import from_weights
     from models.loaders import load_model
+    from models.runner import LayerStreamer
+    from resq_jax.calibration import calibrate
     from resq_jax.data import calib_windows as sample, eval_windows, load_text, tokenize
     from resq_jax.evaluation import perplexity
-    from resq_jax.methods import QuantConfig, quantize_model
+    from resq_jax.methods import QuantConfig, prepare, quantize_model
 
     t0 = time.perf_counter()
     loaded = load_model(model_spec)
@@ -165,14 +170,29 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
     rss_model = _peak_rss_mb()
     calib = sample(tokenize(load_text("wiki-calib").text, loaded.tokenizer), calib_windows, seq_len, 0)
     win = eval_windows(tokenize(load_text("wiki-eval").text, loaded.tokenizer), eval_windows_n, seq_len)
-    qm = quantize_model(loaded.config, loaded.weights, QuantConfig(method="resq", weight_quantizer=weight_quantizer),
-                        calib, progress=False)
+    qc = QuantConfig(method="resq", weight_quantizer=weight_quantizer)
+    config, w = prepare(loaded.config, loaded.weights, qc.recipe)
+    t0 = time.perf_counter()
+    stats = calibrate(LayerStreamer.from_weights(config, w), calib, progress=False)
+    calib_s = time.perf_counter() - t0
+    rss_calib = _peak_rss_mb()
+    del config, w
+    qm = quantize_model(loaded.config, loaded.weights, qc, calib, stats=stats, progress=False)
     res = perplexity(from_weights(qm.config, qm.weights), win, hooks=qm.hooks, progress=False)
+    mb = lambda arrays: sum(np.asarray(a).nbytes for a in arrays) / 1e6  # noqa: E731
+    stats_mb = mb([stats.attn, stats.mlp, stats.value, stats.key, *stats.abs_mean.values()])
+    model_mb = mb(v for v in loaded.weights.values() if hasattr(v, "nbytes"))
+    layer_mb = mb(v for k, v in loaded.weights.items() if k.startswith("layers.0.") and hasattr(v, "nbytes"))
     return {"model": loaded.source, "calib_windows": calib_windows, "eval_windows": eval_windows_n,
             "seq_len": seq_len, "weight_quantizer": qm.qconfig.weights_by,
-            "seconds": {"load": load_s, **qm.seconds, "evaluate": res.seconds},
+            "seconds": {"load": load_s, **qm.seconds, "calibrate": calib_s, "evaluate": res.seconds},
             "gptq_seconds_per_layer": qm.details.get("gptq_per_layer"),
-            "ppl": res.ppl, "peak_rss_mb_after_load": rss_model, "peak_rss_mb": _peak_rss_mb()}
+            "ppl": res.ppl,
+            "memory_mb": {"model_float32": model_mb, "one_layer_float32": layer_mb,
+                          "calibration_statistics_float64": stats_mb,
+                          "calibration_activations_float32": calib.size * loaded.config.hidden_size * 4 / 1e6,
+                          "peak_rss_after_load": rss_model, "peak_rss_after_calibrate": rss_calib,
+                          "calibrate_increase": rss_calib - rss_model, "peak_rss_end": _peak_rss_mb()}}
 
 
 def _folder_mb(path: str) -> float:

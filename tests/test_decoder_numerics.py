@@ -55,3 +55,27 @@ def test_chunked_nll_equals_full_logsumexp(vocab, chunk):
     got = jax.jit(chunked_nll, static_argnames="chunk")(jnp.asarray(h), jnp.asarray(w), jnp.asarray(target),
                                                       chunk=chunk)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_streamer_from_weights_builds_layers_lazily_and_equals_the_model(tmp_path):
+    """LayerStreamer.from_weights (one layer on the device at a time) = LayerStreamer(Decoder):
+    the same logits and nll, bit for bit; calibration statistics through it are identical."""
+    from hf_fixtures import build_torch_model, tiny_qwen2_config
+    from models.decoder import from_weights
+    from models.loaders import load_model
+    from models.runner import LayerStreamer
+    from resq_jax.calibration import calibrate
+
+    build_torch_model(tiny_qwen2_config(tied=False)).save_pretrained(tmp_path)
+    m = load_model(str(tmp_path), with_tokenizer=False)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 40)))
+    eager, lazy = LayerStreamer(from_weights(m.config, m.weights)), LayerStreamer.from_weights(m.config, m.weights)
+    assert len(lazy.layers) == m.config.num_layers
+    np.testing.assert_array_equal(np.asarray(lazy.logits(tokens)), np.asarray(eager.logits(tokens)))
+    np.testing.assert_array_equal(np.asarray(lazy.nll(tokens)), np.asarray(eager.nll(tokens)))
+    a = calibrate(from_weights(m.config, m.weights), np.asarray(tokens), progress=False)
+    b = calibrate(lazy, np.asarray(tokens), progress=False)
+    for f in ("attn", "mlp", "value", "key"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    with pytest.raises(IndexError):
+        lazy.layers[m.config.num_layers]
