@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -146,6 +146,6 @@ def _fmt(v):
     return f"{v:.2f}" if math.isfinite(v) and v < 1e6 else f"{v:.3g}"
 
 
-def fail(e: Exception) -> "NoReturn":  # noqa: F821
+def fail(e: Exception) -> NoReturn:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -339,7 +339,6 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
         row_high = row_high[order]
 
     n_pad = -d_in % block_size
-    n = d_in + n_pad
     w_pad = jnp.pad(w, ((0, n_pad), (0, 0)))
     row_group = jnp.asarray(np.pad(row_group, (0, n_pad)))
     row_high = jnp.asarray(np.pad(row_high, (0, n_pad)))
