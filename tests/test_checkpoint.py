@@ -151,6 +151,8 @@ def test_mismatched_shapes(saved, tmp_path):
         load_packed(dst)
 
 
+# orbax's restore of a damaged file leaves asyncio callbacks that fail after its loop closed
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_or_flipped_file(saved, tmp_path):
     """Every file of arrays/ truncated to half, and with one byte flipped: loading either fails with
     a CheckpointError or (a file the restore does not read: orbax keeps some) returns arrays equal
