@@ -312,9 +312,13 @@ class Decoder(nnx.Module):
         """tokens: [B, T] int -> [B, T, d]."""
         return jnp.take(self.embed[...], tokens, axis=0)
 
+    def _head_input(self, x):
+        """x: [B, T, d] last layer output -> the final RMSNorm's output in float32."""
+        return rms_norm(x, self.norm[...], self.config.rms_eps).astype(jnp.float32)
+
     def head(self, x):
         """x: [B, T, d] (last layer output) -> logits [B, T, vocab] float32."""
-        h = rms_norm(x, self.norm[...], self.config.rms_eps).astype(jnp.float32)
+        h = self._head_input(x)
         if self.lm_head is None:
             return jnp.einsum("btd,vd->btv", h, self.embed[...].astype(jnp.float32))
         return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(jnp.float32))
@@ -328,7 +332,7 @@ class Decoder(nnx.Module):
         logsumexp(logits) - logits[target] of ``head`` up to float32 summation order.
         """
         b, t, d = x.shape
-        h = rms_norm(x, self.norm[...], self.config.rms_eps).astype(jnp.float32)[:, :-1].reshape(-1, d)
+        h = self._head_input(x)[:, :-1].reshape(-1, d)
         target = tokens[:, 1:].reshape(-1)
         w_vd = (self.embed[...] if self.lm_head is None else self.lm_head[...].T).astype(jnp.float32)  # [V, d]
         return chunked_nll(h, w_vd, target).reshape(b, t - 1).mean(axis=-1)

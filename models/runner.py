@@ -136,3 +136,4 @@ class _HeadView(nnx.Module):
     embed_tokens = Decoder.embed_tokens
     head = Decoder.head
     head_nll = Decoder.head_nll
+    _head_input = Decoder._head_input

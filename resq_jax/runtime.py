@@ -501,18 +501,25 @@ def _check_packable(qm) -> ActivationSpec:
     return spec
 
 
+def _row_perm(config: ModelConfig, lay: LinearLayout, key: str) -> np.ndarray | None:
+    """The stored row order of linear ``key`` (``layers.{i}.{name}``): o_proj with high rows has
+    every head's high rows last (fake_quant.head_high_last_permutation); None for the others."""
+    from resq_jax.fake_quant import head_high_last_permutation
+
+    if key.endswith(".o") and lay.high_rows:
+        return head_high_last_permutation(config.num_heads, config.head_dim, lay.high_rows)
+    return None
+
+
 def _linear_codes(config: ModelConfig, lay: LinearLayout, codes: WeightCodes, w_fake: np.ndarray, key: str,
                   bias: np.ndarray | None) -> dict[str, np.ndarray]:
     """Pack one linear's WeightCodes (rows in linear_high_rows order) after checking that they are
     the codes of the fake-quant weights ``w_fake: [d_in, d_out]``."""
-    from resq_jax.fake_quant import head_high_last_permutation
-
     if codes.group_size is not None:
         raise PackError(f"{key}: weights quantized with group_size={codes.group_size}; the packed runtime has "
                         "one scale per output column and block")
     deq = np.asarray(dequantize_weight(codes))
-    perm = (head_high_last_permutation(config.num_heads, config.head_dim, lay.high_rows)
-            if key.endswith(".o") and lay.high_rows else None)
+    perm = _row_perm(config, lay, key)
     if not np.array_equal(deq, w_fake if perm is None else w_fake[perm]):
         raise PackError(f"{key}: the weight codes do not dequantize to the model's weights (were the weights "
                         "changed after quantization?); re-run quantize_model")
@@ -560,8 +567,6 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
     """A fake-quant methods.QuantizedModel -> PackedModel (integer recipes, weights quantized,
     integer activations; see PackError). Embeddings and lm_head are stored in ``embed_dtype``
     (16 bits, REFERENCE.md section 3; np.float32 keeps the fake path's values exactly)."""
-    from resq_jax.fake_quant import head_high_last_permutation
-
     spec = _check_packable(qm)
     config, w = qm.config, qm.weights
     layouts = _layouts(config, spec, qm.codes)
@@ -580,9 +585,7 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
             packed = _linear_codes(config, lay, qm.codes[key], np.asarray(w[key], np.float32), key,
                                    w.get(key + "_bias"))
             if lay.rank:
-                perm = (head_high_last_permutation(config.num_heads, config.head_dim, lay.high_rows)
-                        if name == "o" and lay.high_rows else None)
-                packed.update(_lowrank_codes(lay, perm, qm.codes[key + "_lr_a"], qm.codes[key + "_lr_b"],
+                packed.update(_lowrank_codes(lay, _row_perm(config, lay, key), qm.codes[key + "_lr_a"], qm.codes[key + "_lr_b"],
                                              np.asarray(w[key + "_lr_a"], np.float32),
                                              np.asarray(w[key + "_lr_b"], np.float32), key))
             arrays.update({f"{key}.{f}": a for f, a in packed.items()})

@@ -136,12 +136,12 @@ def gptq_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], windows
     return gptq_weights_codes(config, weights, windows, spec, **kw).weights
 
 
-def _split_codes(c: WeightCodes, widths: list[int]) -> list[WeightCodes]:
-    """Codes of linears quantized side by side (outputs concatenated) -> one WeightCodes each."""
-    cuts = np.cumsum(widths)[:-1]
+def _split_codes(c: WeightCodes, cuts: np.ndarray) -> list[WeightCodes]:
+    """Codes of linears quantized side by side (outputs concatenated, split at column ``cuts``)
+    -> one WeightCodes each."""
 
     def split(a):
-        return [None] * len(widths) if a is None else jnp.split(a, cuts, axis=-1)
+        return [None] * (len(cuts) + 1) if a is None else jnp.split(a, cuts, axis=-1)
 
     parts = zip(split(c.q_low), split(c.scale_low), split(c.q_high), split(c.scale_high))
     return [dataclasses.replace(c, q_low=a, scale_low=b, q_high=d, scale_high=e) for a, b, d, e in parts]
@@ -161,11 +161,11 @@ def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: n
             raise AssertionError(f"linears {names} share an input but not its precision layout")
     keys = [f"layers.{i}.{name}" for name in names]
     ws = [np.asarray(out[k], np.float32) for k in keys]
-    widths = [w.shape[1] for w in ws]
+    cuts = np.cumsum([w.shape[1] for w in ws])[:-1]
     res = gptq_quantize(np.concatenate(ws, axis=1), h, low_bits=spec.w_bits, high_bits=spec.high_bits,
                         high_rows=high, row_perm=perm, act_order=act_order, clip_search=spec.clip_search)
     w_q = np.asarray(res.w_q, np.float32)
-    for k, w_part, c in zip(keys, np.split(w_q, np.cumsum(widths)[:-1], axis=1), _split_codes(res.codes, widths)):
+    for k, w_part, c in zip(keys, np.split(w_q, cuts, axis=1), _split_codes(res.codes, cuts)):
         out[k] = w_part
         codes[k] = c
 
