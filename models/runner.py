@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.decoder import IDENTITY, Decoder, SiteHooks
@@ -57,7 +58,10 @@ class LayerStreamer:
         self.config = model.config
         self.inv_freq = model.inv_freq
         self.layers = [nnx.split(layer) for layer in model.layers]
-        self.head_parts = nnx.split(_HeadView(model.config, model.embed, model.norm, model.lm_head))
+        parts = nnx.split(_HeadView(model.config, model.embed, model.norm, model.lm_head))
+        self._head_parts = lambda: parts
+        self._embed_parts = lambda: parts
+        self._embed_host = None
 
     @classmethod
     def from_weights(cls, config, weights) -> "LayerStreamer":
@@ -70,13 +74,30 @@ class LayerStreamer:
         self.config = config
         self.inv_freq = jnp.asarray(inverse_frequencies(config))
         self.layers = _LazyLayers(config, weights)
-        head = weights.get("lm_head")
-        self.head_parts = nnx.split(_HeadView(config, _param(weights["embed"]), _param(weights["norm"]),
-                                              None if head is None else _param(head)))
+
+        @functools.cache
+        def head_parts():
+            head = weights.get("lm_head")
+            return nnx.split(_HeadView(config, _param(weights["embed"]), _param(weights["norm"]),
+                                       None if head is None else _param(head)))
+
+        self._head_parts = head_parts
+        # a host gather (bit-identical to the device one): calibration never copies the
+        # embedding table to the device, nor builds the lm_head
+        self._embed_parts = None
+        self._embed_host = weights["embed"]
         return self
 
+    @property
+    def head_parts(self):
+        """(graphdef, state) of the embeddings, final norm and lm_head (built on first use)."""
+        return self._head_parts()
+
     def embed(self, tokens):
-        g, s = self.head_parts
+        """tokens: [B, T] -> [B, T, d] (the table's dtype)."""
+        if self._embed_host is not None:
+            return jnp.asarray(np.take(np.asarray(self._embed_host), np.asarray(tokens), axis=0))
+        g, s = self._embed_parts()
         return embed_apply(g, s, tokens)
 
     def rope(self, seq_len: int):

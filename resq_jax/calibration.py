@@ -128,7 +128,7 @@ def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_devi
     with jax.enable_x64(True):
         xs = [jax.device_put(streamer.embed(jnp.asarray(windows[s * step_windows:(s + 1) * step_windows])),
                              data_sharding) for s in range(steps)]
-        per_layer = []
+        out: dict[str, np.ndarray] = {}  # key -> [L, ...] float64, filled layer by layer
         bar = _progress(n_layers * steps, "calibrate") if progress else None
         for i in range(n_layers):
             graphdef, state = streamer.layers[i]
@@ -139,13 +139,17 @@ def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_devi
                 acc = st if acc is None else _merge(acc, st)
                 if bar is not None:
                     bar.update(1)
-            per_layer.append(jax.tree.map(np.asarray, acc))
+            del graphdef, state
+            for k, v in acc.items():
+                v = np.asarray(v)
+                if k not in out:
+                    out[k] = np.empty((n_layers, *v.shape), np.float64)
+                out[k][i] = v
         if bar is not None:
             bar.close()
-    stack = lambda k: np.stack([p[k] for p in per_layer]).astype(np.float64)  # noqa: E731
     return CalibrationStats(
-        attn=stack("attn"), mlp=stack("mlp"), value=stack("value"), key=stack("key"),
-        abs_mean={name: stack("abs." + name) for name in ABS_SITES},
+        attn=out["attn"], mlp=out["mlp"], value=out["value"], key=out["key"],
+        abs_mean={name: out["abs." + name] for name in ABS_SITES},
         tokens=int(windows.size),
     )
 

@@ -6,6 +6,7 @@ result cast back to float32.
 
   untie_embeddings   lm_head = embed^T (must precede folding: the final norm folds into lm_head only)
   fold_norms         RMSNorm gains into the next linears' input rows; gains set to 1
+  FoldedWeights      untie + fold as a view computed per entry on access (no second model in memory)
   rotate_residual    residual-stream basis U [d, d]: E U, U^T W_in, W_out U, U^T W_head
   rotate_values      per layer and KV head U_v [hd, hd]: v columns @ U_v (bias too), o rows U_v^T @
   set_key_rotation   online q/k rotation after RoPE, per layer [hd, hd]
@@ -49,18 +50,57 @@ def fold_norms(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> Weight
     """
     if config.tie_word_embeddings or "lm_head" not in weights:
         raise ValueError("fold_norms needs untied embeddings: call untie_embeddings first")
-    out = dict(weights)
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
-        for norm, linears in (("attn_norm", ("q", "k", "v")), ("mlp_norm", ("gate", "up"))):
-            g = _f64(weights[p + norm])
-            for name in linears:
-                out[p + name] = _f32(g[:, None] * _f64(weights[p + name]))
-            out[p + norm] = np.ones_like(weights[p + norm], dtype=np.float32)
-    g = _f64(weights["norm"])
-    out["lm_head"] = _f32(g[:, None] * _f64(weights["lm_head"]))
-    out["norm"] = np.ones_like(weights["norm"], dtype=np.float32)
-    return out
+    view = FoldedWeights(config, weights)
+    return {k: view[k] for k in view}
+
+
+# linear -> the RMSNorm whose gain folds into its input rows
+_NORM_OF = {"q": "attn_norm", "k": "attn_norm", "v": "attn_norm", "gate": "mlp_norm", "up": "mlp_norm"}
+
+
+class FoldedWeights(Mapping):
+    """``fold_norms(*untie_embeddings(config, weights))`` computed one entry at a time on access.
+
+    Nothing is copied up front and nothing is cached: reading ``layers.3.q`` returns
+    attn_norm-gain * q (float64 product, float32 result), reading a norm returns ones, and
+    ``lm_head`` is norm-gain * embed^T when the model is tied. Calibration streams the layers
+    through this view, so it holds the original model plus one folded layer, not two models.
+    ``config`` is the untied configuration (``FoldedWeights.untied_config``).
+    """
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray]):
+        self._config = config
+        self._weights = weights
+        self._keys = list(dict.fromkeys([*weights, "lm_head"]))
+
+    @property
+    def untied_config(self) -> ModelConfig:
+        return dataclasses.replace(self._config, tie_word_embeddings=False)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def __getitem__(self, key: str):
+        w = self._weights
+        if key == "lm_head":
+            tied = self._config.tie_word_embeddings or "lm_head" not in w
+            head = _f64(w["embed"]).T if tied else _f64(w["lm_head"])
+            return np.ascontiguousarray(_f32(_f64(w["norm"])[:, None] * head))
+        if key not in w:
+            raise KeyError(key)
+        prefix, _, name = key.rpartition(".")
+        if key == "norm" or (prefix and name in ("attn_norm", "mlp_norm")):
+            return np.ones_like(w[key], dtype=np.float32)
+        if prefix.startswith("layers.") and name in _NORM_OF:
+            g = _f64(w[f"{prefix}.{_NORM_OF[name]}"])
+            return _f32(g[:, None] * _f64(w[key]))
+        return w[key]
 
 
 def _check_folded(config: ModelConfig, weights: Mapping[str, np.ndarray]):

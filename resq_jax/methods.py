@@ -326,12 +326,15 @@ def uses_gptq(qc: QuantConfig) -> bool:
     return qc.recipe.quantize and qc.weights_by == "gptq" and qc.w_bits < OFF
 
 
-def prepare(config: ModelConfig, weights: Mapping[str, np.ndarray], recipe: Recipe) -> tuple[ModelConfig, dict]:
-    """Untie and fold norms when the recipe rotates the residual stream."""
+def prepare(config: ModelConfig, weights: Mapping[str, np.ndarray],
+            recipe: Recipe) -> tuple[ModelConfig, Mapping[str, np.ndarray]]:
+    """Untie and fold norms when the recipe rotates the residual stream: a view computed per
+    entry on access (``fusion.FoldedWeights``), so calibration streams the folded layers
+    without a second copy of the model; ``apply_transforms`` materializes it."""
     if not recipe.fold_norms:
         return config, dict(weights)
-    config, w = fusion.untie_embeddings(config, weights)
-    return config, fusion.fold_norms(config, w)
+    view = fusion.FoldedWeights(config, weights)
+    return view.untied_config, view
 
 
 def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: QuantConfig,

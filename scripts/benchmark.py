@@ -192,7 +192,12 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
                           "calibration_statistics_float64": stats_mb,
                           "calibration_activations_float32": calib.size * loaded.config.hidden_size * 4 / 1e6,
                           "peak_rss_after_load": rss_model, "peak_rss_after_calibrate": rss_calib,
-                          "calibrate_increase": rss_calib - rss_model, "peak_rss_end": _peak_rss_mb()}}
+                          "calibrate_increase": rss_calib - rss_model,
+                          # what calibration holds beyond its output (statistics) and the streamed
+                          # activations of the windows: one layer plus JAX/XLA's working set
+                          "calibrate_working_set": rss_calib - rss_model - stats_mb
+                          - calib.size * loaded.config.hidden_size * 4 / 1e6,
+                          "peak_rss_end": _peak_rss_mb()}}
 
 
 def _folder_mb(path: str) -> float:
@@ -207,6 +212,7 @@ def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: st
     from resq_jax.checkpoint import save_fake_quant, save_packed
     from resq_jax.data import calib_windows as sample, load_text, tokenize
     from resq_jax.methods import QuantConfig, quantize_model
+    from resq_jax.fake_quant import LINEARS
     from resq_jax.runtime import pack_model
 
     loaded = load_model(model_spec)
@@ -214,13 +220,26 @@ def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: st
     qm = quantize_model(loaded.config, loaded.weights, QuantConfig(method="resq", weight_quantizer=weight_quantizer),
                         calib, progress=False)
     packed, fake = os.path.join(folder, "packed"), os.path.join(folder, "fake")
-    save_packed(packed, pack_model(qm), tokenizer=loaded.tokenizer, source=loaded.source, force=True)
+    pm = pack_model(qm)
+    save_packed(packed, pm, tokenizer=loaded.tokenizer, source=loaded.source, force=True)
     save_fake_quant(fake, qm, loaded, force=True)
     fp16_mb = 2 * sum(np.asarray(v).size for v in loaded.weights.values()) / 1e6
     packed_mb = _folder_mb(packed) - _folder_mb(os.path.join(packed, "tokenizer"))
+    # where the packed bytes go: the decoder linears (codes, scales, column sums, biases) against
+    # the same linears in float16, and the 16-bit embeddings / lm_head
+    linears = [k for k in pm.arrays if k.startswith("layers.") and k.split(".")[2] in LINEARS and k.count(".") >= 3]
+    lin_mb = sum(pm.arrays[k].nbytes for k in linears) / 1e6
+    lin_fp16_mb = 2 * sum(np.asarray(loaded.weights[f"layers.{i}.{n}"]).size for i in range(loaded.config.num_layers)
+                          for n in LINEARS) / 1e6
     return {"weight_quantizer": weight_quantizer, "calib_windows": calib_windows, "float16_weights_mb": fp16_mb,
             "packed_checkpoint_mb": packed_mb, "fake_quant_checkpoint_mb": _folder_mb(fake) - _folder_mb(
-                os.path.join(fake, "tokenizer")), "size_ratio_float16_to_packed": fp16_mb / packed_mb}
+                os.path.join(fake, "tokenizer")), "size_ratio_float16_to_packed": fp16_mb / packed_mb,
+            "packed_arrays_mb": {"linears": lin_mb,
+                                 "embed": pm.arrays["embed"].nbytes / 1e6,
+                                 "lm_head": pm.arrays["lm_head"].nbytes / 1e6 if "lm_head" in pm.arrays else 0.0,
+                                 "other": sum(a.nbytes for k, a in pm.arrays.items() if k not in linears
+                                              and k not in ("embed", "lm_head")) / 1e6},
+            "size_ratio_linears_float16_to_packed": lin_fp16_mb / lin_mb}
 
 
 def runtime_path(path: str, model_spec: str, folder: str, windows: int, seq_len: int, batch_size: int) -> dict:

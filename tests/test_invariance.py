@@ -42,6 +42,33 @@ def test_untie_and_fold_preserve_logits(tiny):
     assert np.abs(_logits(cfg, w, tokens) - ref).max() <= 1e-4
 
 
+def test_folded_view_equals_eager_fold_without_copying(tiny):
+    """prepare()'s FoldedWeights view = fold_norms(untie_embeddings(...)) bit for bit, holds no
+    copies (untouched entries are the original arrays), and calibration through it equals
+    calibration of the materialized folded model."""
+    cfg, eager = fusion.untie_embeddings(tiny.config, tiny.weights)
+    eager = fusion.fold_norms(cfg, eager)
+    view_cfg, view = prepare(tiny.config, tiny.weights, QuantConfig(method="resq", **OFF).recipe)
+    assert view_cfg == cfg and set(view) == set(eager) and len(view) == len(eager)
+    for k in eager:
+        a, b = np.asarray(view[k]), np.asarray(eager[k])
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        np.testing.assert_array_equal(a, b, err_msg=k)
+    assert view["layers.0.o"] is tiny.weights["layers.0.o"]
+    assert view["layers.1.q"] is not tiny.weights["layers.1.q"]
+    with pytest.raises(KeyError):
+        view["layers.0.nope"]
+    calib = np.random.default_rng(9).integers(0, cfg.vocab_size, (2, 16))
+    from models.runner import LayerStreamer
+
+    a = calibrate(LayerStreamer.from_weights(view_cfg, view), calib, progress=False)
+    b = calibrate(from_weights(cfg, eager), calib, progress=False)
+    for f in ("attn", "mlp", "value", "key"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    for site in b.abs_mean:
+        np.testing.assert_array_equal(a.abs_mean[site], b.abs_mean[site])
+
+
 def test_fold_refuses_tied_embeddings(tiny):
     tied = dataclasses.replace(tiny.config, tie_word_embeddings=True)
     with pytest.raises(ValueError, match="untie"):
