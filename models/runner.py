@@ -60,8 +60,7 @@ class LayerStreamer:
         self.layers = [nnx.split(layer) for layer in model.layers]
         parts = nnx.split(_HeadView(model.config, model.embed, model.norm, model.lm_head))
         self._head_parts = lambda: parts
-        self._embed_parts = lambda: parts
-        self._embed_host = None
+        self._embed_host = None  # embed on the device, through head_parts
 
     @classmethod
     def from_weights(cls, config, weights) -> "LayerStreamer":
@@ -84,7 +83,6 @@ class LayerStreamer:
         self._head_parts = head_parts
         # a host gather (bit-identical to the device one): calibration never copies the
         # embedding table to the device, nor builds the lm_head
-        self._embed_parts = None
         self._embed_host = weights["embed"]
         return self
 
@@ -97,7 +95,7 @@ class LayerStreamer:
         """tokens: [B, T] -> [B, T, d] (the table's dtype)."""
         if self._embed_host is not None:
             return jnp.asarray(np.take(np.asarray(self._embed_host), np.asarray(tokens), axis=0))
-        g, s = self._embed_parts()
+        g, s = self.head_parts
         return embed_apply(g, s, tokens)
 
     def rope(self, seq_len: int):

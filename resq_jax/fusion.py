@@ -50,8 +50,7 @@ def fold_norms(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> Weight
     """
     if config.tie_word_embeddings or "lm_head" not in weights:
         raise ValueError("fold_norms needs untied embeddings: call untie_embeddings first")
-    view = FoldedWeights(config, weights)
-    return {k: view[k] for k in view}
+    return dict(FoldedWeights(config, weights))
 
 
 # linear -> the RMSNorm whose gain folds into its input rows
@@ -71,7 +70,7 @@ class FoldedWeights(Mapping):
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray]):
         self._config = config
         self._weights = weights
-        self._keys = list(dict.fromkeys([*weights, "lm_head"]))
+        self._keys = dict.fromkeys([*weights, "lm_head"])  # ordered, O(1) membership
 
     @property
     def untied_config(self) -> ModelConfig:

@@ -181,6 +181,7 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
     res = perplexity(from_weights(qm.config, qm.weights), win, hooks=qm.hooks, progress=False)
     mb = lambda arrays: sum(np.asarray(a).nbytes for a in arrays) / 1e6  # noqa: E731
     stats_mb = mb([stats.attn, stats.mlp, stats.value, stats.key, *stats.abs_mean.values()])
+    activations_mb = calib.size * loaded.config.hidden_size * 4 / 1e6
     model_mb = mb(v for v in loaded.weights.values() if hasattr(v, "nbytes"))
     layer_mb = mb(v for k, v in loaded.weights.items() if k.startswith("layers.0.") and hasattr(v, "nbytes"))
     return {"model": loaded.source, "calib_windows": calib_windows, "eval_windows": eval_windows_n,
@@ -190,13 +191,12 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
             "ppl": res.ppl,
             "memory_mb": {"model_float32": model_mb, "one_layer_float32": layer_mb,
                           "calibration_statistics_float64": stats_mb,
-                          "calibration_activations_float32": calib.size * loaded.config.hidden_size * 4 / 1e6,
+                          "calibration_activations_float32": activations_mb,
                           "peak_rss_after_load": rss_model, "peak_rss_after_calibrate": rss_calib,
                           "calibrate_increase": rss_calib - rss_model,
                           # what calibration holds beyond its output (statistics) and the streamed
                           # activations of the windows: one layer plus JAX/XLA's working set
-                          "calibrate_working_set": rss_calib - rss_model - stats_mb
-                          - calib.size * loaded.config.hidden_size * 4 / 1e6,
+                          "calibrate_working_set": rss_calib - rss_model - stats_mb - activations_mb,
                           "peak_rss_end": _peak_rss_mb()}}
 
 
@@ -211,8 +211,8 @@ def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: st
     from models.loaders import load_model
     from resq_jax.checkpoint import save_fake_quant, save_packed
     from resq_jax.data import calib_windows as sample, load_text, tokenize
-    from resq_jax.methods import QuantConfig, quantize_model
     from resq_jax.fake_quant import LINEARS
+    from resq_jax.methods import QuantConfig, quantize_model
     from resq_jax.runtime import pack_model
 
     loaded = load_model(model_spec)
