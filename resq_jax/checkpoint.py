@@ -4,8 +4,9 @@ A packed checkpoint folder (``save_packed`` / ``load_packed``; format ``resq-jax
   meta.json     format and version, source model, model config, quantization config, activation
                 spec, linear layouts, down_proj Hadamard size, and a manifest of every array
                 (shape, dtype, CRC-32 of its bytes)
-  arrays/       orbax PyTree checkpoint: ``arrays`` (packed int4/int8 codes, scales, column sums,
-                biases, 16-bit embeddings / lm_head, norms, the online key rotations) and
+  arrays/       orbax PyTree checkpoint: ``arrays`` (packed int4/int8 codes, scales, biases,
+                embeddings / lm_head in 16 bits or as int8/int4 codes (resq_jax.embeddings), norms,
+                the online key rotations; column sums are derived from the codes at load) and
                 ``transforms`` (the recipe's projections, float32)
   tokenizer/    the tokenizer's files (when the model has a tokenizer)
 
@@ -30,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 FORMAT = "resq-jax-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: column sums derived at load, quantized embeddings
 FAKE_QUANT_FORMAT = "resq-jax-fake-quant"
 FAKE_QUANT_VERSION = 1
 RERUN = "re-create it with scripts/quantize.py --out"
@@ -235,21 +236,43 @@ def save_packed(path: str | os.PathLike, pm, *, tokenizer=None, source: str = ""
         "config": pm.config.to_dict(), "qconfig": pm.qconfig,
         "activation_spec": dataclasses.asdict(pm.spec),
         "layouts": {k: lay.to_dict() for k, lay in pm.layouts.items()},
-        "down_hadamard": pm.down_hadamard,
+        "down_hadamard": pm.down_hadamard, "embedding": pm.embedding,
         "arrays": _manifest(arrays), "transforms": _manifest(transforms),
     }
     return _write_atomic(path, {"arrays": _nest(arrays), "transforms": transforms}, meta, tokenizer, force)
 
 
-def expected_packed_shapes(config, layouts: Mapping) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{array name: (shape, dtype)} that a packed model of ``config`` with ``layouts`` must have
-    (embed and lm_head: any 16/32-bit float dtype, reported as 'float')."""
+def _embedding_shapes(config, embedding: Mapping) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Arrays of the embeddings (runtime.embedding_arrays): float tables (any 16/32-bit float
+    dtype, reported as 'float'), or codes and scales, and what a derived head needs."""
+    d, v = config.hidden_size, config.vocab_size
+    bits = int(embedding["bits"])
+    if bits >= 16:
+        out = {"embed": ((v, d), "float")}
+        if not config.tie_word_embeddings:
+            out["lm_head"] = ((d, v), "float")
+        return out
+    group, head = int(embedding["group"]), embedding["head"]
+    if group <= 0 or d % group or head not in ("table", "derived", "tied"):
+        raise ValueError(f"embedding description {dict(embedding)} does not fit hidden size {d}")
+    tables = ("embed", "lm_head") if head == "table" else ("embed",)
+    out = {}
+    for name in tables:
+        out[f"{name}.q"] = ((v, d // 2 if bits <= 4 else d), "int8")
+        out[f"{name}.scale"] = ((v, d // group), "float16")
+    if head == "derived":
+        out["head_gain"] = ((d,), "float32")
+    return out
+
+
+def expected_packed_shapes(config, layouts: Mapping, embedding: Mapping | None = None
+                           ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{array name: (shape, dtype)} that a packed model of ``config`` with ``layouts`` and
+    ``embedding`` (PackedModel.embedding; None: float tables) must have."""
     from resq_jax.fake_quant import LINEARS
 
     d = config.hidden_size
-    out = {"embed": ((config.vocab_size, d), "float"), "norm": ((d,), "float32")}
-    if not config.tie_word_embeddings:
-        out["lm_head"] = ((d, config.vocab_size), "float")
+    out = {"norm": ((d,), "float32"), **_embedding_shapes(config, embedding or {"bits": 16})}
     for i in range(config.num_layers):
         p = f"layers.{i}."
         out[p + "attn_norm"] = out[p + "mlp_norm"] = ((d,), "float32")
@@ -259,16 +282,13 @@ def expected_packed_shapes(config, layouts: Mapping) -> dict[str, tuple[tuple[in
                 if lay.rows(b):
                     out[f"{p}{name}.w_{b}"] = (lay.stored_shape(b), "int8")
                     out[f"{p}{name}.scale_{b}"] = ((lay.d_out,), "float32")
-                    out[f"{p}{name}.colsum_{b}"] = ((lay.groups, lay.d_out), "int32")
             if lay.rank:
                 k = lay.rank
                 for b in ("low", "high"):
                     if lay.rows(b):
                         out[f"{p}{name}.lr_a_{b}"] = ((lay.groups, lay.rows(b), k), "int8")
-                        out[f"{p}{name}.lr_a_colsum_{b}"] = ((lay.groups, k), "int32")
                 out[f"{p}{name}.lr_a_scale"] = ((k,), "float32")
                 out[f"{p}{name}.lr_b"] = ((1, k, lay.d_out), "int8")
-                out[f"{p}{name}.lr_b_colsum"] = ((1, lay.d_out), "int32")
                 out[f"{p}{name}.lr_b_scale"] = ((lay.d_out,), "float32")
             if config.attention_bias and name in ("q", "k", "v"):
                 out[f"{p}{name}.bias"] = ((lay.d_out,), "float32")
@@ -276,9 +296,12 @@ def expected_packed_shapes(config, layouts: Mapping) -> dict[str, tuple[tuple[in
 
 
 def optional_packed_shapes(config) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Arrays a packed model may have: the online key rotation of each layer (ResQ, QuaRot)."""
-    hd = config.head_dim
-    return {f"layers.{i}.key_rotation": ((hd, hd), "float32") for i in range(config.num_layers)}
+    """Arrays a packed model may have: the online key rotation of each layer (ResQ, QuaRot) and
+    the residual basis of a derived head (a rotated tied model with quantized embeddings)."""
+    hd, d = config.head_dim, config.hidden_size
+    out = {f"layers.{i}.key_rotation": ((hd, hd), "float32") for i in range(config.num_layers)}
+    out["head_basis"] = ((d, d), "float32")
+    return out
 
 
 def _check_layouts(path: Path, config, layouts: Mapping):
@@ -357,18 +380,22 @@ def load_packed(path: str | os.PathLike, *, expect_config=None) -> LoadedPacked:
         spec = ActivationSpec(**meta["activation_spec"])
         manifest, t_manifest = meta["arrays"], meta["transforms"]
         down_hadamard = int(meta["down_hadamard"])
+        embedding = dict(meta["embedding"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: meta.json lacks or has an invalid field ({type(e).__name__}: {e}); "
                               f"{RERUN}") from None
     _check_layouts(path, config, layouts)
+    try:
+        expected = expected_packed_shapes(config, layouts, embedding)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: meta.json's embedding description is invalid ({e}); {RERUN}") from None
     tree = _restore(path)
     arrays = _flatten(tree.get("arrays", {}))
     transforms = {k: np.asarray(v) for k, v in tree.get("transforms", {}).items()}
-    _check_arrays(path, arrays, manifest, expected_packed_shapes(config, layouts), "arrays",
-                  optional_packed_shapes(config))
+    _check_arrays(path, arrays, manifest, expected, "arrays", optional_packed_shapes(config))
     _check_arrays(path, transforms, t_manifest, None, "transforms")
     pm = PackedModel(config=config, arrays=arrays, layouts=layouts, spec=spec, down_hadamard=down_hadamard,
-                     qconfig=meta.get("qconfig", {}), transforms=transforms)
+                     qconfig=meta.get("qconfig", {}), transforms=transforms, embedding=embedding)
     return LoadedPacked(model=pm, tokenizer=_tokenizer(path), source=meta.get("source", ""))
 
 

@@ -133,6 +133,8 @@ def _describe(method: str, cfg: dict) -> str:
         text += f" {cfg['weight_quantizer']}" + ("+clip" if cfg.get("clip_search") else "")
     if cfg.get("rank"):
         text += f" r{cfg['rank']}"
+    if not off(cfg.get("embed_bits")):
+        text += f" E{cfg['embed_bits']}"
     return text
 
 

@@ -28,6 +28,7 @@ from models.config import ModelConfig
 from resq_jax import fusion
 from resq_jax.calibration import CalibrationStats, calibrate
 from resq_jax.fake_quant import OFF, ActivationSpec, FakeQuantHooks, WeightSpec, fake_quantize_key_rotation
+from resq_jax.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
 from resq_jax.lqer import int_lowrank_codes, lqer_quantize_weights
 from resq_jax.projections import (block_diag_rotation, damped_eigh, hadamard_factor, hadamard_matrix, high_rank,
                                   randomized_hadamard)
@@ -94,6 +95,8 @@ class QuantConfig:
     rank: int | None = None  # low-rank correction rank (None: 32 for lqer/l2qer recipes)
     w_format: str | None = None  # lqer/l2qer/mxint weights: "mxint" (default) or "int" (groups)
     group_size: int | None = None  # rows per weight scale group along d_in ("int" LQER weights: 128)
+    embed_bits: int = OFF  # embeddings and lm_head (resq_jax.embeddings); 16 keeps them in float (the papers)
+    embed_group: int | None = None  # channels per embedding scale (None: 64 at <= 4 bits, else the row)
 
     def __post_init__(self):
         if self.method not in RECIPES:
@@ -108,7 +111,7 @@ class QuantConfig:
             object.__setattr__(self, "clip_search", r.formats == "int" and r.quantize)
         elif not isinstance(self.clip_search, bool):
             raise QuantConfigError(f"clip_search must be True or False, got {self.clip_search!r}")
-        for name in ("w_bits", "a_bits", "kv_bits", "high_bits"):
+        for name in ("w_bits", "a_bits", "kv_bits", "high_bits", "embed_bits"):
             try:
                 check_bits(getattr(self, name), name)
             except ValueError as e:
@@ -299,6 +302,20 @@ def check_rank(config: ModelConfig, qc: QuantConfig):
                                f"linear (k/v: [{config.hidden_size}, {config.kv_size}]); use --rank <= {limit}")
 
 
+def check_embed_quantization(config: ModelConfig, qc: QuantConfig) -> int:
+    """The embedding tables' group size when ``qc`` quantizes them (0: kept in float); fails
+    before any work for a group that does not divide the hidden size or a float-weight method."""
+    if qc.embed_bits >= OFF:
+        return 0
+    if not qc.recipe.quantize:
+        raise QuantConfigError(f"method {qc.method!r} leaves the model in float; --embed-bits applies to the "
+                               "quantizing methods")
+    try:
+        return check_embed_settings(qc.embed_bits, qc.embed_group, config.hidden_size)
+    except EmbeddingConfigError as e:
+        raise QuantConfigError(str(e)) from None
+
+
 def weight_bits(config: ModelConfig, qc: QuantConfig) -> float:
     """Average storage bits per decoder-linear weight, the low-rank correction included
     (scales and exponents included for MXINT: 8 bits per block of 16); 16 when unquantized."""
@@ -346,6 +363,8 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     recipe = qc.recipe
     check_hadamard_sizes(config, recipe)
     check_rank(config, qc)
+    embed_group = check_embed_quantization(config, qc)
+    source_config, source_weights = config, weights
     seconds = {"calibrate": 0.0, "projections": 0.0, "fuse": 0.0, "quantize": 0.0}
     details: dict = {}
     codes: dict = {}
@@ -390,6 +409,11 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
         if recipe.quantize and qc.rank_used:
             w, lr_codes = _int_lowrank(config, w_float, w, qc, calib_windows, progress, seconds)
             codes = {**codes, **lr_codes}
+    if embed_group:
+        tied = source_config.tie_word_embeddings and "lm_head" in w  # untied + folded here: derive the head
+        w, codes["embed"] = quantize_embeddings(w, qc.embed_bits, embed_group,
+                                                tied_gain=np.asarray(source_weights["norm"]) if tied else None,
+                                                basis=transforms.residual)
     details["weight_bits"] = weight_bits(config, qc)
     log(f"{qc.method}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return QuantizedModel(config=config, weights=w, hooks=hooks, qconfig=qc, transforms=transforms,

@@ -53,7 +53,7 @@ from jax import lax
 from models.config import ModelConfig
 from models.decoder import Decoder
 from resq_jax.fake_quant import LINEARS, OFF, ActivationSpec, FakeQuantHooks
-from resq_jax.packing import pack_int4, pack_int4_np, signed_shift, unpack_int4
+from resq_jax.packing import pack_int4, pack_int4_np, signed_shift, unpack_int4, unpack_int4_np
 from resq_jax.quantizers import WeightCodes, dequantize_weight, quantize_mixed
 from resq_jax.quantizers import pytree_dataclass as _pytree_dataclass
 
@@ -136,6 +136,23 @@ def pack_block_np(q: np.ndarray, bits: int) -> np.ndarray:
     return pack_int4_np(q, axis=1)
 
 
+def with_colsums(layout: LinearLayout, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed linear's stored arrays plus their column sums (int32 [G, N]: ``colsum_b`` of the
+    weight blocks, ``lr_a_colsum_b`` / ``lr_b_colsum`` of a low-rank A and B), derived from the
+    codes when the linear is built rather than stored."""
+    out = dict(arrays)
+    for b in BLOCKS:
+        if layout.rows(b):
+            w = np.asarray(arrays[f"w_{b}"])
+            q = unpack_int4_np(w, axis=1)[:, :layout.rows(b)] if layout.bits(b) <= 4 else w
+            out[f"colsum_{b}"] = q.sum(axis=1, dtype=np.int32)
+            if layout.rank:
+                out[f"lr_a_colsum_{b}"] = np.asarray(arrays[f"lr_a_{b}"]).sum(axis=1, dtype=np.int32)
+    if layout.rank:
+        out["lr_b_colsum"] = np.asarray(arrays["lr_b"]).sum(axis=1, dtype=np.int32)
+    return out
+
+
 def unpack_block(p: jax.Array, rows: int, bits: int) -> jax.Array:
     """Stored codes [G, rows', N] -> int8 [G, rows, N] (inverse of pack_block_np, in the graph)."""
     return unpack_int4(p, axis=1)[:, :rows] if bits <= 4 else p
@@ -197,6 +214,7 @@ class PackedLinear(nnx.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.layout = layout
         self.impl = impl  # "auto": the Triton mixed GEMM where it applies on a GPU, else XLA's integer dot
+        arrays = with_colsums(layout, arrays)
         for b in BLOCKS:
             present = layout.rows(b) > 0
             for f in ("w", "scale", "colsum"):
@@ -419,6 +437,8 @@ class PackedModel:
     qconfig:    the QuantConfig as a dict
     transforms: the recipe's projections (float32; residual [d, d], value [L, KV, hd, hd],
                 key [L, hd, hd]) for inspection and reuse; the runtime does not need them
+    embedding:  how the embeddings are stored: {"bits": 16} (float ``embed`` / ``lm_head``) or
+                {"bits", "group", "head"} for resq_jax.embeddings codes (embedding_arrays)
     """
 
     config: ModelConfig
@@ -428,6 +448,7 @@ class PackedModel:
     down_hadamard: int
     qconfig: dict
     transforms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    embedding: dict = dataclasses.field(default_factory=lambda: {"bits": 16})
 
     @property
     def hooks(self) -> PackedHooks:
@@ -531,7 +552,6 @@ def _linear_codes(config: ModelConfig, lay: LinearLayout, codes: WeightCodes, w_
         q = np.asarray(q, np.int8).reshape(g, lay.rows(b), n)
         out[f"w_{b}"] = pack_block_np(q, lay.bits(b))
         out[f"scale_{b}"] = np.asarray(scale, np.float32).reshape(n)
-        out[f"colsum_{b}"] = q.sum(axis=1, dtype=np.int32)
     if bias is not None:
         out["bias"] = np.asarray(bias, np.float32)
     return out
@@ -554,13 +574,43 @@ def _lowrank_codes(lay: LinearLayout, perm: np.ndarray | None, a: WeightCodes, b
     out = {"lr_a_scale": np.asarray(a.scale_low, np.float32).reshape(k)}
     for blk, rows in (("low", qa[:n_low]), ("high", qa[n_low:])):
         if lay.rows(blk):
-            rows = rows.reshape(g, lay.rows(blk), k)
-            out[f"lr_a_{blk}"] = rows
-            out[f"lr_a_colsum_{blk}"] = rows.sum(axis=1, dtype=np.int32)
-    qb = np.asarray(b.q_low, np.int8)[None]
-    out.update(lr_b=qb, lr_b_colsum=qb.sum(axis=1, dtype=np.int32),
-               lr_b_scale=np.asarray(b.scale_low, np.float32).reshape(-1))
+            out[f"lr_a_{blk}"] = rows.reshape(g, lay.rows(blk), k)
+    out.update(lr_b=np.asarray(b.q_low, np.int8)[None], lr_b_scale=np.asarray(b.scale_low, np.float32).reshape(-1))
     return out
+
+
+def embedding_arrays(emb) -> dict[str, np.ndarray]:
+    """Stored arrays of resq_jax.embeddings.EmbeddingCodes: ``embed.q`` (int8 codes [V, d], two
+    per byte along d at <= 4 bits), ``embed.scale`` (float16 [V, d / group]), the same for
+    ``lm_head`` (codes of lm_head^T) of an untied model, ``head_basis`` [d, d] / ``head_gain`` [d]
+    (float32) of a tied model whose head is derived from the table."""
+    out = {}
+    for name, c in (("embed", emb.table), ("lm_head", emb.head)):
+        if c is not None:
+            out[f"{name}.q"] = pack_int4_np(c.q, axis=1) if c.bits <= 4 else c.q
+            out[f"{name}.scale"] = c.scale
+    if emb.gain is not None:
+        out["head_gain"] = emb.gain
+        if emb.basis is not None:
+            out["head_basis"] = emb.basis
+    return out
+
+
+def embedding_codes(arrays: Mapping[str, np.ndarray], embedding: Mapping):
+    """The inverse of embedding_arrays: EmbeddingCodes from stored arrays and their description."""
+    from resq_jax.embeddings import EmbeddingCodes, TableCodes
+
+    bits = int(embedding["bits"])
+
+    def table(name):
+        if f"{name}.q" not in arrays:
+            return None
+        q = np.asarray(arrays[f"{name}.q"])
+        return TableCodes(q=unpack_int4_np(q, axis=1) if bits <= 4 else q, scale=np.asarray(arrays[f"{name}.scale"]),
+                          bits=bits)
+
+    return EmbeddingCodes(table=table("embed"), head=table("lm_head"), basis=arrays.get("head_basis"),
+                          gain=arrays.get("head_gain"))
 
 
 def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
@@ -570,10 +620,16 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
     spec = _check_packable(qm)
     config, w = qm.config, qm.weights
     layouts = _layouts(config, spec, qm.codes)
-    arrays: dict[str, np.ndarray] = {"embed": np.asarray(w["embed"]).astype(embed_dtype),
-                                     "norm": np.asarray(w["norm"], np.float32)}
-    if "lm_head" in w:
-        arrays["lm_head"] = np.asarray(w["lm_head"]).astype(embed_dtype)
+    arrays: dict[str, np.ndarray] = {"norm": np.asarray(w["norm"], np.float32)}
+    emb = qm.codes.get("embed")
+    if emb is None:
+        arrays["embed"] = np.asarray(w["embed"]).astype(embed_dtype)
+        if "lm_head" in w:
+            arrays["lm_head"] = np.asarray(w["lm_head"]).astype(embed_dtype)
+        embedding = {"bits": 16}
+    else:
+        arrays.update(embedding_arrays(emb))
+        embedding = {"bits": emb.bits, "group": emb.table.group, "head": emb.head_kind}
     for i in range(config.num_layers):
         p = f"layers.{i}."
         for k in ("attn_norm", "mlp_norm", "key_rotation"):
@@ -595,7 +651,7 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
     transforms = {k: np.asarray(v, np.float32) for k, v in dataclasses.asdict(qm.transforms).items()
                   if isinstance(v, np.ndarray)}
     return PackedModel(config=config, arrays=arrays, layouts=layouts, spec=spec, down_hadamard=hadamard.pop(),
-                       qconfig=qm.qconfig.to_dict(), transforms=transforms)
+                       qconfig=qm.qconfig.to_dict(), transforms=transforms, embedding=embedding)
 
 
 def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
@@ -608,6 +664,12 @@ def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
     weights: dict = {k: np.asarray(v, np.float32) for k, v in pm.arrays.items()
                      if k in ("embed", "lm_head", "norm") or k.rsplit(".", 1)[-1] in ("attn_norm", "mlp_norm",
                                                                                         "key_rotation")}
+    if pm.embedding["bits"] < OFF:
+        emb = embedding_codes(pm.arrays, pm.embedding)
+        weights["embed"] = emb.embed()
+        head = emb.lm_head(weights["embed"])
+        if head is not None:
+            weights["lm_head"] = head
     for i in range(pm.config.num_layers):
         if pm.down_hadamard:
             weights[f"layers.{i}.down_hadamard"] = pm.down_hadamard

@@ -204,7 +204,8 @@ def _folder_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6
 
 
-def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: str, weight_quantizer: str) -> dict:
+def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: str, weight_quantizer: str,
+                   embed_bits: int = 16) -> dict:
     """Quantize with ResQ W4A4KV4 once and write the packed and the (older) fake-quant checkpoints."""
     import numpy as np
 
@@ -217,28 +218,28 @@ def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: st
 
     loaded = load_model(model_spec)
     calib = sample(tokenize(load_text("wiki-calib").text, loaded.tokenizer), calib_windows, seq_len, 0)
-    qm = quantize_model(loaded.config, loaded.weights, QuantConfig(method="resq", weight_quantizer=weight_quantizer),
-                        calib, progress=False)
+    qm = quantize_model(loaded.config, loaded.weights, QuantConfig(method="resq", weight_quantizer=weight_quantizer,
+                                                                   embed_bits=embed_bits), calib, progress=False)
     packed, fake = os.path.join(folder, "packed"), os.path.join(folder, "fake")
     pm = pack_model(qm)
     save_packed(packed, pm, tokenizer=loaded.tokenizer, source=loaded.source, force=True)
     save_fake_quant(fake, qm, loaded, force=True)
     fp16_mb = 2 * sum(np.asarray(v).size for v in loaded.weights.values()) / 1e6
     packed_mb = _folder_mb(packed) - _folder_mb(os.path.join(packed, "tokenizer"))
-    # where the packed bytes go: the decoder linears (codes, scales, column sums, biases) against
-    # the same linears in float16, and the 16-bit embeddings / lm_head
+    # where the packed bytes go: the decoder linears (codes, scales, biases) against the same
+    # linears in float16, the embeddings / lm_head (16-bit, or codes and scales), the rest
     linears = [k for k in pm.arrays if k.startswith("layers.") and k.split(".")[2] in LINEARS and k.count(".") >= 3]
     lin_mb = sum(pm.arrays[k].nbytes for k in linears) / 1e6
+    table_mb = lambda name: sum(a.nbytes for k, a in pm.arrays.items() if k.split(".")[0] == name) / 1e6  # noqa
     lin_fp16_mb = 2 * sum(np.asarray(loaded.weights[f"layers.{i}.{n}"]).size for i in range(loaded.config.num_layers)
                           for n in LINEARS) / 1e6
-    return {"weight_quantizer": weight_quantizer, "calib_windows": calib_windows, "float16_weights_mb": fp16_mb,
+    return {"weight_quantizer": weight_quantizer, "calib_windows": calib_windows, "embedding": pm.embedding,
+            "float16_weights_mb": fp16_mb, "transforms_mb": sum(a.nbytes for a in pm.transforms.values()) / 1e6,
             "packed_checkpoint_mb": packed_mb, "fake_quant_checkpoint_mb": _folder_mb(fake) - _folder_mb(
                 os.path.join(fake, "tokenizer")), "size_ratio_float16_to_packed": fp16_mb / packed_mb,
-            "packed_arrays_mb": {"linears": lin_mb,
-                                 "embed": pm.arrays["embed"].nbytes / 1e6,
-                                 "lm_head": pm.arrays["lm_head"].nbytes / 1e6 if "lm_head" in pm.arrays else 0.0,
+            "packed_arrays_mb": {"linears": lin_mb, "embed": table_mb("embed"), "lm_head": table_mb("lm_head"),
                                  "other": sum(a.nbytes for k, a in pm.arrays.items() if k not in linears
-                                              and k not in ("embed", "lm_head")) / 1e6},
+                                              and k.split(".")[0] not in ("embed", "lm_head")) / 1e6},
             "size_ratio_linears_float16_to_packed": lin_fp16_mb / lin_mb}
 
 
@@ -291,7 +292,8 @@ def packed_section(args) -> dict:
         result = {"model": args.model, "windows": args.windows, "seq_len": args.seq_len,
                   "batch_size": args.batch_size,
                   "checkpoints": child("--child-prepare", folder, "--calib-windows", str(args.calib_windows),
-                                       "--weight-quantizer", args.weight_quantizer)}
+                                       "--weight-quantizer", args.weight_quantizer,
+                                       "--embed-bits", str(args.embed_bits))}
         for path in RUNTIME_PATHS:
             print(f"   {path}", file=sys.stderr, flush=True)
             result[path] = child("--child-runtime", path, folder, "--windows", str(args.windows),
@@ -322,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default="gptq",
                    help="ResQ's weight quantizer in the stages and packed sections (default %(default)s, "
                         "ResQ's own; rtn is much faster)")
+    p.add_argument("--embed-bits", type=int, default=16,
+                   help="embedding / lm_head bits of the packed section's model (default 16: float)")
     p.add_argument("--child-stages", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-prepare", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--child-runtime", nargs=2, metavar=("PATH", "DIR"), help=argparse.SUPPRESS)
@@ -332,7 +336,7 @@ def main(argv=None) -> int:
         return 0
     if args.child_prepare:
         print(json.dumps(packed_prepare(args.model, args.calib_windows, args.seq_len, args.child_prepare,
-                                        args.weight_quantizer)))
+                                        args.weight_quantizer, args.embed_bits)))
         return 0
     if args.child_runtime:
         path, folder = args.child_runtime

@@ -16,7 +16,7 @@ import pytest
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
 from models.decoder import from_weights
 from models.loaders import load_model
-from resq_jax.checkpoint import (FORMAT, CheckpointError, load_checkpoint, load_packed, save_fake_quant,
+from resq_jax.checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, load_packed, save_fake_quant,
                                  save_packed)
 from resq_jax.methods import QuantConfig, quantize_model
 from resq_jax.runtime import pack_model, packed_decoder
@@ -82,7 +82,7 @@ def test_round_trip_bit_identical(qwen, saved):
     assert set(back.transforms) == {"residual", "value", "key"}
     np.testing.assert_array_equal(_logits(back), _logits(pm))
     meta = json.loads((saved / "meta.json").read_text())
-    assert meta["format"] == FORMAT and meta["version"] == 1
+    assert meta["format"] == FORMAT and meta["version"] == FORMAT_VERSION == 2
     assert meta["arrays"]["layers.0.q.w_low"]["dtype"] == "int8"
 
 
@@ -107,8 +107,16 @@ def test_existing_target_is_not_overwritten(qwen, saved, tmp_path):
 def test_incompatible_version_and_format(saved, tmp_path):
     dst = _copy(saved, tmp_path)
     meta = json.loads((dst / "meta.json").read_text())
-    (dst / "meta.json").write_text(json.dumps({**meta, "version": 2}))
-    with pytest.raises(CheckpointError, match="version 2.*newer resq-jax.*quantize.py --out"):
+    (dst / "meta.json").write_text(json.dumps({**meta, "version": FORMAT_VERSION + 1}))
+    with pytest.raises(CheckpointError, match=f"version {FORMAT_VERSION + 1}.*newer resq-jax.*quantize.py --out"):
+        load_packed(dst)
+    # version 1 stored column sums and only float embeddings: re-created, not guessed at
+    (dst / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(CheckpointError, match="version 1; this reads .* version 2.*quantize.py --out"):
+        load_packed(dst)
+    bad = {**meta, "embedding": {"bits": 4, "group": 5, "head": "table"}}
+    (dst / "meta.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="embedding description is invalid"):
         load_packed(dst)
     (dst / "meta.json").write_text(json.dumps({**meta, "format": "something-else"}))
     with pytest.raises(CheckpointError, match="format 'something-else'"):

@@ -189,8 +189,20 @@ def test_layouts_int4_packed(tiny_resq):
     assert pm.arrays["layers.0.q.w_high"].shape == (1, lay["q"].high_rows, cfg.q_size)
     assert pm.arrays["layers.0.o.w_low"].shape == (cfg.num_heads, (cfg.head_dim - lay["o"].high_rows) // 2,
                                                    cfg.hidden_size)
-    assert pm.arrays["layers.0.q.colsum_low"].dtype == np.int32
-    assert pm.arrays["embed"].dtype == np.float16
+    assert not any("colsum" in k for k in pm.arrays)  # derived from the codes when the linear is built
+    assert pm.arrays["embed"].dtype == np.float16 and pm.embedding == {"bits": 16}
+
+
+def test_column_sums_derived_from_the_codes(tiny_resq):
+    """The column sums a packed linear builds equal the sums of the quantizer's own codes."""
+    qm, pm = tiny_resq
+    layer = packed_decoder(pm).layers[1]
+    for name in ("q", "o", "down"):
+        lin, codes, lay = getattr(layer, name), qm.codes[f"layers.1.{name}"], pm.layouts[name]
+        for b, q in (("low", codes.q_low), ("high", codes.q_high)):
+            if lay.rows(b):
+                want = np.asarray(q, np.int64).reshape(lay.groups, lay.rows(b), lay.d_out).sum(1)
+                np.testing.assert_array_equal(np.asarray(getattr(lin, f"colsum_{b}")[...]), want)
 
 
 def test_packed_layers_match_fake_quant(tiny, tiny_resq):
