@@ -59,7 +59,8 @@ from resq_jax.quantizers import pytree_dataclass as _pytree_dataclass
 
 __all__ = ["PackError", "check_packable_config", "ActQuant", "LinearLayout", "PackedLinear", "PackedHooks", "KVCodes",
            "QuantizedKVCache", "PackedModel", "pack_model", "packed_decoder", "init_packed_cache",
-           "linear_accumulators", "linear_lowrank", "quantize_input", "LINEAR_INPUT_SITES"]
+           "linear_accumulators", "linear_lowrank", "quantize_input", "LINEAR_INPUT_SITES", "integer_decoder",
+           "exact_f32_rows"]
 
 _F32 = jnp.float32
 LINEAR_INPUT_SITES = ("attn_in", "mlp_in", "o_in", "down_in")  # quantized inside the packed linears
@@ -170,15 +171,41 @@ def quantize_input(x: jax.Array, act: ActQuant) -> dict[str, tuple[jax.Array, ja
     return out
 
 
-def block_accumulator(xq: jax.Array, zero: jax.Array, wq: jax.Array, colsum: jax.Array) -> jax.Array:
+F32_EXACT = 2 ** 24  # every integer of magnitude <= 2^24 is a float32
+
+
+def exact_f32_rows(x_bits: int, w_bits: int) -> int:
+    """Rows of a float32 dot of signed x_bits x w_bits codes whose every partial sum is an exact
+    integer: |sum| <= rows * 2^(x_bits-1) * 2^(w_bits-1) <= 2^24 (4x4 bits: 262144; 8x8: 1024)."""
+    return F32_EXACT >> (x_bits + w_bits - 2)
+
+
+def _int_dot(xq: jax.Array, wq: jax.Array, f32_rows: int | None) -> jax.Array:
+    """sum_k xq[m, g, k] wq[g, k, n] -> int32 [G, M, N]. f32_rows None: int8 x int8 with int32
+    accumulation (XLA's integer dot); else float32 dots over chunks of ``f32_rows`` rows, each
+    exact (exact_f32_rows), converted to int32 and summed: the same integers."""
+    one = xq.shape[1] == 1  # one group: a plain 2-D GEMM
+    dims = (((1,), (0,)), ((), ())) if one else (((2,), (1,)), ((1,), (0,)))
+    a, b = (xq[:, 0], wq[0]) if one else (xq, wq)
+    if f32_rows is None:
+        acc = lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
+    else:
+        k, acc = a.shape[-1], None
+        for s in range(0, k, f32_rows):
+            part = lax.dot_general(a[..., s:s + f32_rows].astype(_F32), b[..., s:s + f32_rows, :].astype(_F32), dims,
+                                   preferred_element_type=_F32).astype(jnp.int32)
+            acc = part if acc is None else acc + part
+    return acc[None] if one else acc
+
+
+def block_accumulator(xq: jax.Array, zero: jax.Array, wq: jax.Array, colsum: jax.Array,
+                      f32_rows: int | None = None) -> jax.Array:
     """Zero-point-corrected integer accumulator of one block, exact in int32.
 
     xq: int8 [M, G, n]; zero: f32 [M, G] (integer-valued); wq: int8 [G, n, N]; colsum: int32
-    [G, N] -> int32 [G, M, N] = sum_k (xq - zero) wq."""
-    if xq.shape[1] == 1:  # one group: a plain 2-D integer GEMM
-        acc = lax.dot_general(xq[:, 0], wq[0], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)[None]
-    else:
-        acc = lax.dot_general(xq, wq, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)
+    [G, N] -> int32 [G, M, N] = sum_k (xq - zero) wq. ``f32_rows``: see _int_dot (the result
+    is the same either way)."""
+    acc = _int_dot(xq, wq, f32_rows)
     return acc - zero.astype(jnp.int32).T[:, :, None] * colsum[:, None, :]
 
 
@@ -210,8 +237,8 @@ class PackedLinear(nnx.Module):
     def __init__(self, layout: LinearLayout, arrays: Mapping[str, np.ndarray], impl: str = "auto"):
         from resq_jax.kernels.mixed_gemm import IMPLS
 
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl not in (*IMPLS, "f32"):
+            raise ValueError(f"impl must be one of {(*IMPLS, 'f32')}, got {impl!r}")
         self.layout = layout
         self.impl = impl  # "auto": the Triton mixed GEMM where it applies on a GPU, else XLA's integer dot
         arrays = with_colsums(layout, arrays)
@@ -233,8 +260,14 @@ class PackedLinear(nnx.Module):
         accs = {}
         for b, (xq, _, zero) in codes.items():
             wq = unpack_block(getattr(self, f"w_{b}")[...], lay.rows(b), lay.bits(b))
-            accs[b] = block_accumulator(xq, zero, wq, getattr(self, f"colsum_{b}")[...])
+            a_bits = lay.act.low_bits if b == "low" else lay.act.high_bits
+            accs[b] = block_accumulator(xq, zero, wq, getattr(self, f"colsum_{b}")[...],
+                                        self._f32_rows(a_bits, lay.bits(b)))
         return accs, codes
+
+    def _f32_rows(self, x_bits: int, w_bits: int) -> int | None:
+        """Chunk rows of the float32 integer dots with impl "f32" (None: XLA's int8 dot)."""
+        return exact_f32_rows(x_bits, w_bits) if self.impl == "f32" else None
 
     def lowrank_accumulators(self, codes: dict) -> tuple[jax.Array, jax.Array, dict]:
         """The correction Q(Q(x) A) B from the input's codes (quantize_input of x: [M, K]):
@@ -244,12 +277,15 @@ class PackedLinear(nnx.Module):
         lay = self.layout
         t = None
         for b, (xq, scale, zero) in codes.items():
-            acc = block_accumulator(xq, zero, getattr(self, f"lr_a_{b}")[...], getattr(self, f"lr_a_colsum_{b}")[...])
+            a_bits = lay.act.low_bits if b == "low" else lay.act.high_bits
+            acc = block_accumulator(xq, zero, getattr(self, f"lr_a_{b}")[...], getattr(self, f"lr_a_colsum_{b}")[...],
+                                    self._f32_rows(a_bits, 8))
             term = block_output(acc, scale, self.lr_a_scale[...])
             t = term if t is None else t + term
         t_codes = quantize_input(t, ActQuant(lay.lowrank_bits, OFF, 0))
         tq, _, tz = t_codes["low"]
-        return t, block_accumulator(tq, tz, self.lr_b[...], self.lr_b_colsum[...]), t_codes
+        return t, block_accumulator(tq, tz, self.lr_b[...], self.lr_b_colsum[...],
+                                    self._f32_rows(lay.lowrank_bits, 8)), t_codes
 
     def triton_applies(self) -> bool:
         """Whether the Triton mixed GEMM (resq_jax.kernels.mixed_gemm) can run this linear: one
@@ -281,7 +317,7 @@ class PackedLinear(nnx.Module):
         Triton kernels; the others, and every linear on CPU, XLA's integer dot below."""
         from resq_jax.kernels.mixed_gemm import select_impl
 
-        if self.impl != "jnp" and self.triton_applies() and select_impl(self.impl) == "triton":
+        if self.impl not in ("jnp", "f32") and self.triton_applies() and select_impl(self.impl) == "triton":
             return self._mixed_gemm(x, "triton").astype(x.dtype)
         lead = x.shape[:-1]
         accs, codes = self.accumulators(x.reshape(-1, x.shape[-1]))
@@ -658,7 +694,8 @@ def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
     """The models.decoder.Decoder of a PackedModel (float params in float32, PackedLinear linears);
     run it with ``pm.hooks`` (and ``init_packed_cache`` for generation). ``impl`` selects the
     GEMM of the linears (PackedLinear): "auto" (Triton kernels on an NVIDIA GPU, XLA elsewhere),
-    "jnp" (XLA's integer dot everywhere) or "triton"."""
+    "jnp" (XLA's integer dot everywhere), "triton", or "f32" (float32 dots of the integer codes
+    in exact chunks: the same int32 accumulators, hence bit-identical outputs to "jnp")."""
     from models.decoder import from_weights
 
     weights: dict = {k: np.asarray(v, np.float32) for k, v in pm.arrays.items()
@@ -676,3 +713,24 @@ def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
         for name in LINEARS:
             weights[f"layers.{i}.{name}"] = PackedLinear(pm.layouts[name], pm.linear_arrays(i, name), impl)
     return from_weights(pm.config, weights)
+
+
+def integer_decoder(qm, impl: str = "f32") -> tuple[Decoder, PackedHooks] | None:
+    """(decoder, hooks) that evaluate a fake-quant methods.QuantizedModel with the packed
+    runtime's integer arithmetic, or None when the packed runtime cannot represent it (PackError:
+    float weights or activations, MXINT recipes).
+
+    Why: a W4A4 model's perplexity is not continuous at float-rounding scale. The classic fake
+    path (dequantized activations times dequantized weights, float32 GEMMs) rounds differently
+    for every batch shape and CPU, and a one-ulp change moves later 4-bit codes across rounding
+    ties, so it reproduces itself only to about 0.5% (SmolLM2: -0.75% between batch 4 and 8).
+    The integer products here are exact (int32 values, ``impl`` "f32" computes them with float32
+    GEMMs in exact chunks, "jnp" with XLA's int8 dot: the same integers) and the float epilogue is
+    the packed runtime's, so the perplexity is the packed checkpoint's (embeddings as the model
+    holds them: float32 tables, or the quantized tables of ``embed_bits`` < 16)."""
+    try:
+        pm = pack_model(qm, embed_dtype=np.float32)
+    except PackError:
+        return None
+    return packed_decoder(pm, impl), pm.hooks
+
