@@ -103,12 +103,14 @@ def format_table(model: str, runs: list[dict], baseline: str = "none") -> str:
     """Plain-text perplexity table, one row per run, one column per text (+ ratio to fp)."""
     texts = list(dict.fromkeys(t for r in runs for t in r["ppl"]))
     base = next((r["ppl"] for r in runs if r["method"] == baseline), None)
-    header = ["method", "config", "w bits"] + [f"ppl {t}" for t in texts] + ([f"x fp ({texts[0]})"] if base else [])
+    header = ["method", "config", "w bits", "eval"] + [f"ppl {t}" for t in texts] + (
+        [f"x fp ({texts[0]})"] if base else [])
     rows = []
     for r in runs:
         cfg = r["config"]
         bits = r.get("weight_bits")
-        row = [_label(r["method"]), _describe(r["method"], cfg), "-" if bits is None else f"{bits:.2f}"]
+        row = [_label(r["method"]), _describe(r["method"], cfg), "-" if bits is None else f"{bits:.2f}",
+               r.get("eval_path", "-")]
         row += [_fmt(r["ppl"].get(t)) for t in texts]
         if base:
             row.append(f"{r['ppl'][texts[0]] / base[texts[0]]:.2f}")

@@ -17,9 +17,13 @@ quantizer's own (``QuantizedModel.codes``). Per block b:
     c_b[g, m, n]   = acc_b - int32(z_b[m, g]) colsum_b[g, n]  int32, exactly sum_k (q - z) wq
     y[m, n]        = sum_b sum_g (s_b[m, g] sw_b[n]) float32(c_b[g, m, n]) + bias[n]
 
-Weights with at most 4 bits are stored two per byte along K (packing.py: low nibble = even
-index) and unpacked to int8 inside the jitted graph; 5..8-bit blocks are int8. This is the CPU
-path (XLA's integer dot); the epilogue's order matches resq_jax.kernels.mixed_gemm's reference.
+(one 2-D GEMM per group; the sums over g and b run in that order). Weights with at most 4 bits
+are stored two per byte along K (packing.py: low nibble = even index) and unpacked to int8
+inside the jitted graph; 5..8-bit blocks are int8. Column sums are derived from the codes when
+a linear is built (``with_colsums``), not stored. This is the CPU path (XLA's integer dot; impl
+"f32" computes the same integers with float32 GEMMs in chunks short enough to be exact); the
+epilogue's order matches resq_jax.kernels.mixed_gemm's reference. ``integer_decoder`` runs a
+fake-quant model this way, which is how scripts/quantize.py evaluates the integer recipes.
 On an NVIDIA GPU (impl "auto" with jax_triton importable, or "triton") the linears with one
 activation group per token and no low-rank term (q/k/v, gate/up, down) run the Triton
 quantize-and-pack and mixed GEMM kernels on the same stored arrays instead; o_proj (per-head
@@ -30,8 +34,8 @@ scale per column): t = sum_b s_b sA ((q_b - z_b) A_b) from the input's codes (A'
 like the weight's blocks), t quantized per token to ``lowrank_bits`` (the fake path's lowrank
 site), then the integer product with B and its epilogue.
 
-What stays as in the fake-quant model: embeddings and lm_head (stored in 16 bits, computed in
-float32), RMSNorm, RoPE, Q, softmax and P.V in float32. ResQ's int8 model of the online key
+What stays as in the fake-quant model: embeddings and lm_head (stored in 16 bits, or as the
+int8/int4 codes of resq_jax.embeddings, computed in float32), RMSNorm, RoPE, Q, softmax and P.V in float32. ResQ's int8 model of the online key
 rotation (q/k fake-quantized to 8 bits per (token, head) at the q_rope/k_rope sites, times the
 fake-quantized int8 rotation) is kept identical to the fake path: a float product of
 dequantized values, so K's codes equal the fake path's. The K/V cache holds codes (low block
@@ -180,39 +184,41 @@ def exact_f32_rows(x_bits: int, w_bits: int) -> int:
     return F32_EXACT >> (x_bits + w_bits - 2)
 
 
-def _int_dot(xq: jax.Array, wq: jax.Array, f32_rows: int | None) -> jax.Array:
-    """sum_k xq[m, g, k] wq[g, k, n] -> int32 [G, M, N]. f32_rows None: int8 x int8 with int32
-    accumulation (XLA's integer dot); else float32 dots over chunks of ``f32_rows`` rows, each
-    exact (exact_f32_rows), converted to int32 and summed: the same integers."""
-    one = xq.shape[1] == 1  # one group: a plain 2-D GEMM
-    dims = (((1,), (0,)), ((), ())) if one else (((2,), (1,)), ((1,), (0,)))
-    a, b = (xq[:, 0], wq[0]) if one else (xq, wq)
+def _int_dot(a: jax.Array, b: jax.Array, f32_rows: int | None) -> jax.Array:
+    """a: int8 [M, n] @ b: int8 [n, N] -> int32 [M, N]. f32_rows None: XLA's integer dot (int32
+    accumulation); else float32 dots over chunks of ``f32_rows`` rows, each exact
+    (exact_f32_rows), converted to int32 and summed: the same integers."""
+    dims = (((1,), (0,)), ((), ()))
     if f32_rows is None:
-        acc = lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
-    else:
-        k, acc = a.shape[-1], None
-        for s in range(0, k, f32_rows):
-            part = lax.dot_general(a[..., s:s + f32_rows].astype(_F32), b[..., s:s + f32_rows, :].astype(_F32), dims,
-                                   preferred_element_type=_F32).astype(jnp.int32)
-            acc = part if acc is None else acc + part
-    return acc[None] if one else acc
+        return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
+    acc = None
+    for s in range(0, a.shape[-1], f32_rows):
+        part = lax.dot_general(a[:, s:s + f32_rows].astype(_F32), b[s:s + f32_rows].astype(_F32), dims,
+                               preferred_element_type=_F32).astype(jnp.int32)
+        acc = part if acc is None else acc + part
+    return acc
 
 
 def block_accumulator(xq: jax.Array, zero: jax.Array, wq: jax.Array, colsum: jax.Array,
-                      f32_rows: int | None = None) -> jax.Array:
-    """Zero-point-corrected integer accumulator of one block, exact in int32.
+                      f32_rows: int | None = None) -> tuple[jax.Array, ...]:
+    """Zero-point-corrected integer accumulators of one block, exact in int32, one per group.
 
     xq: int8 [M, G, n]; zero: f32 [M, G] (integer-valued); wq: int8 [G, n, N]; colsum: int32
-    [G, N] -> int32 [G, M, N] = sum_k (xq - zero) wq. ``f32_rows``: see _int_dot (the result
-    is the same either way)."""
-    acc = _int_dot(xq, wq, f32_rows)
-    return acc - zero.astype(jnp.int32).T[:, :, None] * colsum[:, None, :]
+    [G, N] -> G arrays int32 [M, N]: c_g = sum_k (xq[:, g] - zero[:, g]) wq[g]. ``f32_rows``: see
+    _int_dot (the result is the same either way). Groups are separate 2-D GEMMs: XLA's CPU batched
+    dot and the [G, M, N] intermediate cost o_proj ~20x its FLOPs."""
+    z = zero.astype(jnp.int32)
+    return tuple(_int_dot(xq[:, g], wq[g], f32_rows) - z[:, g, None] * colsum[g][None, :] for g in range(xq.shape[1]))
 
 
-def block_output(c: jax.Array, scale_x: jax.Array, scale_w: jax.Array) -> jax.Array:
-    """c: int32 [G, M, N]; scale_x: f32 [M, G]; scale_w: f32 [N] -> f32 [M, N] =
-    sum_g (scale_x[m, g] * scale_w[n]) * float32(c[g, m, n])."""
-    return jnp.sum((scale_x.T[:, :, None] * scale_w[None, None, :]) * c.astype(_F32), axis=0)
+def block_output(c: tuple[jax.Array, ...], scale_x: jax.Array, scale_w: jax.Array) -> jax.Array:
+    """c: G arrays int32 [M, N]; scale_x: f32 [M, G]; scale_w: f32 [N] -> f32 [M, N] =
+    sum over g in order of (scale_x[m, g] * scale_w[n]) * float32(c_g[m, n])."""
+    y = None
+    for g, cg in enumerate(c):
+        term = (scale_x[:, g, None] * scale_w[None, :]) * cg.astype(_F32)
+        y = term if y is None else y + term
+    return y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ def _var(a):
 class PackedLinear(nnx.Module):
     """A decoder linear on integer codes (module docstring). Arrays, for each block b in
     (low, high) present in the layout: ``w_b`` stored int8 codes (LinearLayout.stored_shape),
-    ``scale_b`` f32 [N], ``colsum_b`` int32 [G, N]; ``bias`` f32 [N] or None. With
+    ``scale_b`` f32 [N], ``colsum_b`` int32 [G, N] (derived here); ``bias`` f32 [N] or None. With
     ``layout.rank`` k > 0, the low-rank correction's int8 codes: ``lr_a_b`` [G, rows_b, k] (A's
     rows in the weight's block layout), ``lr_a_colsum_b`` int32 [G, k], ``lr_a_scale`` f32 [k],
     ``lr_b`` [1, k, N], ``lr_b_colsum`` int32 [1, N], ``lr_b_scale`` f32 [N]."""
@@ -240,7 +246,9 @@ class PackedLinear(nnx.Module):
         if impl not in (*IMPLS, "f32"):
             raise ValueError(f"impl must be one of {(*IMPLS, 'f32')}, got {impl!r}")
         self.layout = layout
-        self.impl = impl  # "auto": the Triton mixed GEMM where it applies on a GPU, else XLA's integer dot
+        # "auto": the Triton mixed GEMM where it applies on a GPU, else XLA's integer dot ("jnp");
+        # "f32": float32 dots of the codes in exact chunks (the same integers)
+        self.impl = impl
         arrays = with_colsums(layout, arrays)
         for b in BLOCKS:
             present = layout.rows(b) > 0
@@ -253,7 +261,7 @@ class PackedLinear(nnx.Module):
         self.bias = _var(arrays.get("bias"))
 
     def accumulators(self, x: jax.Array) -> tuple[dict[str, jax.Array], dict]:
-        """x: [M, K] float -> ({block: int32 [G, M, N] zero-corrected accumulators}, the input's
+        """x: [M, K] float -> ({block: G zero-corrected accumulators int32 [M, N]}, the input's
         codes from quantize_input)."""
         lay = self.layout
         codes = quantize_input(x, lay.act)
@@ -273,7 +281,7 @@ class PackedLinear(nnx.Module):
         """The correction Q(Q(x) A) B from the input's codes (quantize_input of x: [M, K]):
         t = sum_b s_b sA (int32 acc of (q_b - z_b) A_b): [M, k], quantized per token to
         ``lowrank_bits`` (the fake path's ``lowrank`` site), then its integer product with B.
-        Returns (t float32 [M, k], int32 [1, M, N] accumulator of B, t's codes)."""
+        Returns (t float32 [M, k], B's accumulator (one int32 [M, N]), t's codes)."""
         lay = self.layout
         t = None
         for b, (xq, scale, zero) in codes.items():
@@ -336,7 +344,7 @@ class PackedLinear(nnx.Module):
 def linear_accumulators(lin: PackedLinear, x: jax.Array) -> dict[str, np.ndarray]:
     """Jitted integer accumulators of a packed linear on x: [M, K]: {block: int32 [G, M, N]}."""
     graphdef, state = nnx.split(lin)
-    return {k: np.asarray(v) for k, v in _accumulators(graphdef, state, x).items()}
+    return {k: np.stack([np.asarray(g) for g in v]) for k, v in _accumulators(graphdef, state, x).items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -349,7 +357,7 @@ def linear_lowrank(lin: PackedLinear, x: jax.Array) -> tuple[np.ndarray, np.ndar
     [M, k], int32 [1, M, N] zero-corrected accumulator of Q(t) B)."""
     graphdef, state = nnx.split(lin)
     t, acc = _lowrank(graphdef, state, x)
-    return np.asarray(t), np.asarray(acc)
+    return np.asarray(t), np.stack([np.asarray(g) for g in acc])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -651,8 +659,9 @@ def embedding_codes(arrays: Mapping[str, np.ndarray], embedding: Mapping):
 
 def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
     """A fake-quant methods.QuantizedModel -> PackedModel (integer recipes, weights quantized,
-    integer activations; see PackError). Embeddings and lm_head are stored in ``embed_dtype``
-    (16 bits, REFERENCE.md section 3; np.float32 keeps the fake path's values exactly)."""
+    integer activations; see PackError). Quantized embeddings (QuantConfig.embed_bits < 16) are
+    stored as their codes (embedding_arrays); float ones in ``embed_dtype`` (16 bits, REFERENCE.md
+    section 3; np.float32 keeps the fake path's values exactly)."""
     spec = _check_packable(qm)
     config, w = qm.config, qm.weights
     layouts = _layouts(config, spec, qm.codes)
@@ -715,7 +724,7 @@ def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
     return from_weights(pm.config, weights)
 
 
-def integer_decoder(qm, impl: str = "f32") -> tuple[Decoder, PackedHooks] | None:
+def integer_decoder(qm, impl: str = "auto") -> tuple[Decoder, PackedHooks] | None:
     """(decoder, hooks) that evaluate a fake-quant methods.QuantizedModel with the packed
     runtime's integer arithmetic, or None when the packed runtime cannot represent it (PackError:
     float weights or activations, MXINT recipes).
@@ -724,10 +733,11 @@ def integer_decoder(qm, impl: str = "f32") -> tuple[Decoder, PackedHooks] | None
     path (dequantized activations times dequantized weights, float32 GEMMs) rounds differently
     for every batch shape and CPU, and a one-ulp change moves later 4-bit codes across rounding
     ties, so it reproduces itself only to about 0.5% (SmolLM2: -0.75% between batch 4 and 8).
-    The integer products here are exact (int32 values, ``impl`` "f32" computes them with float32
-    GEMMs in exact chunks, "jnp" with XLA's int8 dot: the same integers) and the float epilogue is
-    the packed runtime's, so the perplexity is the packed checkpoint's (embeddings as the model
-    holds them: float32 tables, or the quantized tables of ``embed_bits`` < 16)."""
+    The integer products here are exact and the float epilogue is the packed runtime's (``impl``
+    as in packed_decoder: "auto" picks what the packed runtime runs on this platform; on CPU
+    "jnp" and "f32" give the same integers, hence identical outputs), so the perplexity is the
+    packed checkpoint's (embeddings as the model holds them: float32 tables, or the quantized
+    tables of ``embed_bits`` < 16; a checkpoint of a float-embedding model stores them in 16 bits)."""
     try:
         pm = pack_model(qm, embed_dtype=np.float32)
     except PackError:

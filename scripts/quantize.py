@@ -68,6 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default %(default)s)")
     cli.add_eval_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of calibration windows and random rotations")
+    p.add_argument("--eval-path", choices=("packed", "fake"), default="packed",
+                   help="how a quantized model is evaluated. packed (default): with the packed runtime's integer "
+                        "arithmetic wherever it can run the model (integer weights and activations: rtn, gptq, "
+                        "quarot, resq, resq+l2qer), exact int32 products, the perplexity of the --out "
+                        "checkpoint; fake: dequantized activations times dequantized weights in float32 "
+                        "(classic fake quantization; the W4A4 perplexity then depends on float rounding, a "
+                        "few tenths of a percent at 40 x 512 tokens). Other models always run fake")
     p.add_argument("--out", default=None,
                    help="save the last method's quantized model, packed (int4/int8 codes, scales, projections, "
                         "config, tokenizer), to this folder; scripts/evaluate.py --checkpoint runs it")
@@ -138,6 +145,7 @@ def run(args) -> int:
     from models.decoder import from_weights
     from resq_jax.evaluation import perplexity
     from resq_jax.methods import quantize_model
+    from resq_jax.runtime import integer_decoder
 
     runs = []
     stats_cache: dict = {}
@@ -147,15 +155,17 @@ def run(args) -> int:
                             progress=not args.quiet, log=log)
         if qm.stats is not None:
             stats_cache[qc.recipe.fold_norms] = qm.stats
-        model = from_weights(qm.config, qm.weights)
+        packed = integer_decoder(qm) if args.eval_path == "packed" and qc.recipe.quantize else None
+        model, hooks = packed or (from_weights(qm.config, qm.weights), qm.hooks)
         ppl, secs = {}, 0.0
         for name, windows in evals.items():
-            res = perplexity(model, windows, batch_size=args.batch_size, hooks=qm.hooks,
+            res = perplexity(model, windows, batch_size=args.batch_size, hooks=hooks,
                              progress=False if args.quiet else f"eval {qc.method} {name}")
             ppl[name] = res.ppl
             secs += res.seconds
             log(f"{qc.method} {name}: ppl {res.ppl:.3f} ({res.tokens_per_second:.0f} tok/s)")
         runs.append({"method": qc.method, "config": qc.to_dict(), "ppl": ppl,
+                     "eval_path": "packed" if packed else ("fake" if qc.recipe.quantize else "float"),
                      "weight_bits": qm.details.get("weight_bits"),
                      "seconds": {"calibrate": qm.seconds["calibrate"],
                                  "quantize": sum(v for k, v in qm.seconds.items() if k != "calibrate"),
