@@ -156,13 +156,13 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
     one layer's; meant to run in a fresh process."""
     import numpy as np
 
-    from models.decoder import from_weights
     from models.loaders import load_model
     from models.runner import LayerStreamer
     from resq_jax.calibration import calibrate
     from resq_jax.data import calib_windows as sample, eval_windows, load_text, tokenize
     from resq_jax.evaluation import perplexity
     from resq_jax.methods import QuantConfig, prepare, quantize_model
+    from resq_jax.runtime import integer_decoder
 
     t0 = time.perf_counter()
     loaded = load_model(model_spec)
@@ -178,7 +178,8 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
     rss_calib = _peak_rss_mb()
     del config, w
     qm = quantize_model(loaded.config, loaded.weights, qc, calib, stats=stats, progress=False)
-    res = perplexity(from_weights(qm.config, qm.weights), win, hooks=qm.hooks, progress=False)
+    model, hooks = integer_decoder(qm)  # as scripts/quantize.py evaluates it (--eval-path packed)
+    res = perplexity(model, win, hooks=hooks, progress=False)
     mb = lambda arrays: sum(np.asarray(a).nbytes for a in arrays) / 1e6  # noqa: E731
     stats_mb = mb([stats.attn, stats.mlp, stats.value, stats.key, *stats.abs_mean.values()])
     activations_mb = calib.size * loaded.config.hidden_size * 4 / 1e6

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
-from models.config import ModelConfig
 from models.decoder import from_weights
 from models.loaders import load_model
 from resq_jax import fusion

@@ -9,7 +9,7 @@ from models.decoder import SITES, from_weights
 from models.loaders import load_model
 from models.runner import LayerStreamer
 from resq_jax.calibration import calibrate
-from resq_jax.lqer import (LINEAR_SITES, LINEARS, QUANTIZED_SITES, LQERConfigError, LQERSpec, MXIntHooks,
+from resq_jax.lqer import (LINEAR_SITES, LINEARS, QUANTIZED_SITES, LQERSpec, MXIntHooks,
                            correct_linear, l2qer_scale, lowrank_correction, lqer_quantize_weights, quantize_lowrank,
                            quantize_weight)
 from resq_jax.quantizers import fake_quant_mxint, fake_quant_weight
