@@ -90,7 +90,8 @@ class QuantConfig:
     high_bits: int = 8
     high_fraction: float | None = None  # None: the method's default
     weight_quantizer: str | None = None  # None: the method's default
-    clip_search: bool | None = None  # MSE clip search of weight scales (None: on for the integer recipes)
+    clip_search: bool | None = None  # MSE clip search of weight and embedding-table scales (None: on for
+    # the integer recipes)
     seed: int = 0
     rank: int | None = None  # low-rank correction rank (None: 32 for lqer/l2qer recipes)
     w_format: str | None = None  # lqer/l2qer/mxint weights: "mxint" (default) or "int" (groups)
@@ -413,7 +414,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
         tied = source_config.tie_word_embeddings and "lm_head" in w  # untied + folded here: derive the head
         w, codes["embed"] = quantize_embeddings(w, qc.embed_bits, embed_group,
                                                 tied_gain=np.asarray(source_weights["norm"]) if tied else None,
-                                                basis=transforms.residual)
+                                                basis=transforms.residual, clip_search=qc.clip_search)
     details["weight_bits"] = weight_bits(config, qc)
     log(f"{qc.method}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return QuantizedModel(config=config, weights=w, hooks=hooks, qconfig=qc, transforms=transforms,

@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "gptq, quarot, resq and resq+l2qer)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="MSE clip search of the weight scales (shrink factors 1 - i/100, i < 80, error "
-                        "norm 2.4, per output channel); default on for the integer recipes, "
+                        "norm 2.4, per output channel; for --embed-bits tables 1 - 2i/100, i < 20, squared "
+                        "error, per row and group); default on for the integer recipes, "
                         "--no-clip-search for plain max scaling")
     p.add_argument("--rank", type=int, default=None,
                    help="rank k of the low-rank correction of lqer, l2qer and resq+l2qer (default 32)")

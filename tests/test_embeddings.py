@@ -44,6 +44,33 @@ def test_codes_equal_torch_reference(bits, group):
     assert np.all(deq[7] == 0) and c.q.min() >= -(2 ** (bits - 1)) and c.q.max() <= 2 ** (bits - 1) - 1
 
 
+def test_clip_search_picks_the_least_squared_error_scale():
+    """quantize_table(clip_search=True) against a torch search over the same factors: equal codes,
+    and no group's error above the plain max-scaled one."""
+    rng = np.random.default_rng(4)
+    t = (rng.standard_t(3, (200, 64)) * 0.05).astype(np.float32)
+    c = quantize_table(t, 4, 16, clip_search=True)
+    x = torch.from_numpy(t).reshape(200, 4, 16)
+    best = None
+    for i in range(20):
+        f = torch.tensor(np.float32(1.0 - 0.02 * i))
+        s = (f * x.abs().amax(-1) / 7).half()
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        q = torch.clamp(torch.round(x / s.float()[..., None]), -8, 7)
+        err = ((q * s.float()[..., None] - x) ** 2).sum(-1)
+        if best is None:
+            best = (q, s, err)
+        else:
+            better = err < best[2]
+            best = (torch.where(better[..., None], q, best[0]), torch.where(better, s, best[1]),
+                    torch.where(better, err, best[2]))
+    np.testing.assert_array_equal(c.q, best[0].reshape(200, 64).to(torch.int8).numpy())
+    np.testing.assert_array_equal(c.scale, best[1].numpy())
+    plain = quantize_table(t, 4, 16)
+    err = lambda cc: ((cc.dequantize() - t) ** 2).reshape(200, 4, 16).sum(-1)  # noqa: E731
+    assert np.all(err(c) <= err(plain)) and err(c).sum() < 0.9 * err(plain).sum()
+
+
 def test_tied_head_from_the_rotated_table_equals_the_float_head():
     """lm_head = U^T diag(g) E^T equals M (E U)^T with M = U^T diag(g) U (no quantization)."""
     rng = np.random.default_rng(0)
