@@ -35,7 +35,8 @@ like the weight's blocks), t quantized per token to ``lowrank_bits`` (the fake p
 site), then the integer product with B and its epilogue.
 
 What stays as in the fake-quant model: embeddings and lm_head (stored in 16 bits, or as the
-int8/int4 codes of resq_jax.embeddings, computed in float32), RMSNorm, RoPE, Q, softmax and P.V in float32. ResQ's int8 model of the online key
+int8/int4 codes of resq_jax.embeddings, computed in float32), RMSNorm, RoPE, Q, softmax and
+P.V in float32. ResQ's int8 model of the online key
 rotation (q/k fake-quantized to 8 bits per (token, head) at the q_rope/k_rope sites, times the
 fake-quantized int8 rotation) is kept identical to the fake path: a float product of
 dequantized values, so K's codes equal the fake path's. The K/V cache holds codes (low block
@@ -88,6 +89,9 @@ class ActQuant:
     high_bits: int
     high: int
     group: int | None = None
+
+    def bits(self, block: str) -> int:
+        return self.low_bits if block == "low" else self.high_bits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,9 +272,8 @@ class PackedLinear(nnx.Module):
         accs = {}
         for b, (xq, _, zero) in codes.items():
             wq = unpack_block(getattr(self, f"w_{b}")[...], lay.rows(b), lay.bits(b))
-            a_bits = lay.act.low_bits if b == "low" else lay.act.high_bits
             accs[b] = block_accumulator(xq, zero, wq, getattr(self, f"colsum_{b}")[...],
-                                        self._f32_rows(a_bits, lay.bits(b)))
+                                        self._f32_rows(lay.act.bits(b), lay.bits(b)))
         return accs, codes
 
     def _f32_rows(self, x_bits: int, w_bits: int) -> int | None:
@@ -285,9 +288,8 @@ class PackedLinear(nnx.Module):
         lay = self.layout
         t = None
         for b, (xq, scale, zero) in codes.items():
-            a_bits = lay.act.low_bits if b == "low" else lay.act.high_bits
             acc = block_accumulator(xq, zero, getattr(self, f"lr_a_{b}")[...], getattr(self, f"lr_a_colsum_{b}")[...],
-                                    self._f32_rows(a_bits, 8))
+                                    self._f32_rows(lay.act.bits(b), 8))
             term = block_output(acc, scale, self.lr_a_scale[...])
             t = term if t is None else t + term
         t_codes = quantize_input(t, ActQuant(lay.lowrank_bits, OFF, 0))
@@ -342,7 +344,8 @@ class PackedLinear(nnx.Module):
 
 
 def linear_accumulators(lin: PackedLinear, x: jax.Array) -> dict[str, np.ndarray]:
-    """Jitted integer accumulators of a packed linear on x: [M, K]: {block: int32 [G, M, N]}."""
+    """Jitted integer accumulators of a packed linear on x: [M, K]: {block: int32 [G, M, N]} (the
+    groups stacked)."""
     graphdef, state = nnx.split(lin)
     return {k: np.stack([np.asarray(g) for g in v]) for k, v in _accumulators(graphdef, state, x).items()}
 
