@@ -61,15 +61,16 @@ def run(args) -> int:
         if isinstance(ckpt, LoadedPacked):
             pm = ckpt.model
             config, hooks, qconfig, model = pm.config, pm.hooks, pm.qconfig, packed_decoder(pm)
+            eval_path = "packed"
             new_cache = lambda n: init_packed_cache(pm.config, pm.spec, 1, n)  # noqa: E731
         else:  # an older fake-quant checkpoint
             config, hooks, qconfig = ckpt.config, ckpt.hooks, ckpt.qconfig
-            model = from_weights(config, ckpt.weights)
+            model, eval_path = from_weights(config, ckpt.weights), "fake"
         method = qconfig["method"]
     else:
         loaded = cli.load(args.model or cli.DEFAULT_MODEL)
         config, hooks, tokenizer = loaded.config, IDENTITY, loaded.tokenizer
-        source, method, qconfig = loaded.source, "none", {}
+        source, method, qconfig, eval_path = loaded.source, "none", {}, "float"
         model = from_weights(config, loaded.weights)
     if tokenizer is None:
         raise cli.UserError("the model has no tokenizer files; add them to its folder")
@@ -96,7 +97,7 @@ def run(args) -> int:
             secs += res.seconds
             log(f"{name}: ppl {res.ppl:.4f} over {windows.shape[0]} x {windows.shape[1]} tokens "
                 f"({res.tokens_per_second:.0f} tok/s)")
-        run = {"method": method, "config": qconfig, "ppl": ppl,
+        run = {"method": method, "config": qconfig, "ppl": ppl, "eval_path": eval_path,
                "seconds": {"calibrate": 0.0, "quantize": 0.0, "evaluate": secs}}
         print(cli.format_table(source, [run]) if method != "none" else
               "\n".join([f"model: {source}"] + [f"ppl {k}: {v:.4f}" for k, v in ppl.items()]))
