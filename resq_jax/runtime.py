@@ -738,11 +738,11 @@ def integer_decoder(qm, impl: str = "auto") -> tuple[Decoder, PackedHooks] | Non
     ties, so it reproduces itself only to about 0.5% (SmolLM2: -0.75% between batch 4 and 8).
     The integer products here are exact and the float epilogue is the packed runtime's (``impl``
     as in packed_decoder: "auto" picks what the packed runtime runs on this platform; on CPU
-    "jnp" and "f32" give the same integers, hence identical outputs), so the perplexity is the
-    packed checkpoint's (embeddings as the model holds them: float32 tables, or the quantized
-    tables of ``embed_bits`` < 16; a checkpoint of a float-embedding model stores them in 16 bits)."""
+    "jnp" and "f32" give the same integers, hence identical outputs), and the model is the one
+    pack_model stores (embeddings and lm_head in float16, REFERENCE.md section 3, or the
+    quantized tables of ``embed_bits`` < 16), so the perplexity is the packed checkpoint's."""
     try:
-        pm = pack_model(qm, embed_dtype=np.float32)
+        pm = pack_model(qm)
     except PackError:
         return None
     return packed_decoder(pm, impl), pm.hooks
