@@ -28,7 +28,6 @@ import numpy as np
 
 from resq_jax.quantizers import check_bits
 
-OFF = 16
 LOW_BITS_GROUP = 64  # default group at <= 4 bits (4.25 bits per value with float16 scales)
 
 
