@@ -179,10 +179,11 @@ def quantize_embeddings(weights: dict, bits: int, group: int, *, tied_gain: np.n
                         basis: np.ndarray | None = None, clip_search: bool = False) -> tuple[dict, EmbeddingCodes]:
     """Quantize a (fused) weights dict's ``embed`` and ``lm_head`` (module docstring).
 
-    ``clip_search``: quantize_table's MSE search of the scales. ``tied_gain``: the final-norm gain of a model whose embeddings were tied before untie + fold
-    (the head is then derived from the one quantized table, with ``basis`` the residual rotation
-    or None); None for an untied model (the lm_head gets its own codes) and for a model that
-    stays tied (no ``lm_head`` entry). Returns (weights with the dequantized tables, codes)."""
+    ``clip_search``: quantize_table's MSE search of the scales. ``tied_gain``: the final-norm
+    gain of a model whose embeddings were tied before untie + fold (the head is then derived from
+    the one quantized table, with ``basis`` the residual rotation or None); None for an untied
+    model (the lm_head gets its own codes) and for a model that stays tied (no ``lm_head``
+    entry). Returns (weights with the dequantized tables, codes)."""
     out = dict(weights)
     table = quantize_table(weights["embed"], bits, group, clip_search)
     head = None

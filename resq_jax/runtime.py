@@ -65,7 +65,7 @@ from resq_jax.quantizers import pytree_dataclass as _pytree_dataclass
 __all__ = ["PackError", "check_packable_config", "ActQuant", "LinearLayout", "PackedLinear", "PackedHooks", "KVCodes",
            "QuantizedKVCache", "PackedModel", "pack_model", "packed_decoder", "init_packed_cache",
            "linear_accumulators", "linear_lowrank", "quantize_input", "LINEAR_INPUT_SITES", "integer_decoder",
-           "exact_f32_rows"]
+           "try_pack", "exact_f32_rows"]
 
 _F32 = jnp.float32
 LINEAR_INPUT_SITES = ("attn_in", "mlp_in", "o_in", "down_in")  # quantized inside the packed linears
@@ -741,9 +741,14 @@ def integer_decoder(qm, impl: str = "auto") -> tuple[Decoder, PackedHooks] | Non
     "jnp" and "f32" give the same integers, hence identical outputs), and the model is the one
     pack_model stores (embeddings and lm_head in float16, REFERENCE.md section 3, or the
     quantized tables of ``embed_bits`` < 16), so the perplexity is the packed checkpoint's."""
+    pm = try_pack(qm)
+    return None if pm is None else (packed_decoder(pm, impl), pm.hooks)
+
+
+def try_pack(qm) -> PackedModel | None:
+    """pack_model(qm), or None when the packed runtime cannot represent the model (PackError)."""
     try:
-        pm = pack_model(qm)
+        return pack_model(qm)
     except PackError:
         return None
-    return packed_decoder(pm, impl), pm.hooks
 

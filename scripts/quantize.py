@@ -146,7 +146,7 @@ def run(args) -> int:
     from models.decoder import from_weights
     from resq_jax.evaluation import perplexity
     from resq_jax.methods import quantize_model
-    from resq_jax.runtime import integer_decoder
+    from resq_jax.runtime import packed_decoder, try_pack
 
     runs = []
     stats_cache: dict = {}
@@ -156,8 +156,10 @@ def run(args) -> int:
                             progress=not args.quiet, log=log)
         if qm.stats is not None:
             stats_cache[qc.recipe.fold_norms] = qm.stats
-        packed = integer_decoder(qm) if args.eval_path == "packed" and qc.recipe.quantize else None
-        model, hooks = packed or (from_weights(qm.config, qm.weights), qm.hooks)
+        # --eval-path packed: the model as pack_model stores it (runtime.integer_decoder), kept for --out
+        packed = try_pack(qm) if args.eval_path == "packed" and qc.recipe.quantize else None
+        model, hooks = (packed_decoder(packed), packed.hooks) if packed else (from_weights(qm.config, qm.weights),
+                                                                              qm.hooks)
         ppl, secs = {}, 0.0
         for name, windows in evals.items():
             res = perplexity(model, windows, batch_size=args.batch_size, hooks=hooks,
@@ -171,7 +173,7 @@ def run(args) -> int:
                      "seconds": {"calibrate": qm.seconds["calibrate"],
                                  "quantize": sum(v for k, v in qm.seconds.items() if k != "calibrate"),
                                  "evaluate": secs}})
-        last = qm
+        last = (qm, packed)
     print(cli.format_table(loaded.source, runs))
     if args.json:
         cli.write_json_atomic(args.json, {"model": loaded.source, "runs": runs,
@@ -182,8 +184,10 @@ def run(args) -> int:
         from resq_jax.checkpoint import save_packed
         from resq_jax.runtime import pack_model
 
-        save_packed(args.out, pack_model(last), tokenizer=loaded.tokenizer, source=loaded.source, force=args.force)
-        log(f"saved {last.qconfig.method} (packed) to {args.out}")
+        qm, packed = last
+        save_packed(args.out, packed or pack_model(qm), tokenizer=loaded.tokenizer, source=loaded.source,
+                    force=args.force)
+        log(f"saved {qm.qconfig.method} (packed) to {args.out}")
     return 0
 
 
