@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from models.config import ModelConfig, ModelConfigError, RopeScaling, config_from_hf
+from models.gguf_tokenizer import GGUFTokenizerError, gguf_tokenizer_metadata, tokenizer_from_gguf_metadata
 
 __all__ = [
     "LoadedModel",
@@ -453,15 +454,13 @@ def _open_gguf(path: Path):
 
 
 def _load_tokenizer_gguf(path: Path, reader):
+    """The GGUF's own tokenizer (models.gguf_tokenizer: no torch, no transformers GGUF reader), or None."""
     if "tokenizer.ggml.model" not in reader.fields:
         return None
-    from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(
-            f"{path}: transformers could not build the tokenizer stored in the GGUF ({e}); "
-            "load with with_tokenizer=False or use a transformers folder") from e
+        return tokenizer_from_gguf_metadata(gguf_tokenizer_metadata(reader), source=str(path))
+    except GGUFTokenizerError as e:
+        raise ModelLoadError(f"{e}; or load with with_tokenizer=False") from e
 
 
 def load_gguf(path: str | os.PathLike, *, with_tokenizer: bool = True) -> LoadedModel:
