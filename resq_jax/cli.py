@@ -15,6 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+# transformers announces at import that torch is missing; resq-jax never needs torch, so the notice is noise
+# for our users. Only the command-line entry points (which import this module first) set this.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 import numpy as np
 
 DEFAULT_MODEL = "smollm2"
