@@ -713,8 +713,14 @@ def high_rank(d: int, fraction: float) -> int:
 
 
 def randomized_hadamard(n: int, seed: int | Sequence[int]) -> np.ndarray:
-    """QuaRot's randomized Hadamard: hadamard_matrix(n) @ diag(s), s random ±1 from
-    np.random.default_rng(seed); float64 [n, n], orthogonal."""
+    """QuaRot's randomized Hadamard ``R = diag(s) @ H``: ``R: [n, n]`` float64, orthogonal, with ``H =
+    hadamard_matrix(n)`` and ``s`` random signs from ``np.random.default_rng(seed)``.
+
+    Activations rotate as ``x @ R = (x * s) @ H``: the signs are flipped *before* the mixing, so a
+    channel pattern that the plain Hadamard concentrates (a constant vector maps onto one column of a
+    Sylvester H) is spread over all channels. Flipping after the mixing (``H @ diag(s)``) would leave
+    the concentration in place and only move the signs of the outputs.
+    """
     h = hadamard_matrix(n)
     s = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=n)
-    return h * s[None, :]
+    return s[:, None] * h

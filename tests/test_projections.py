@@ -412,12 +412,34 @@ def test_high_rank():
             P.high_rank(64, bad)
 
 
-def test_randomized_hadamard():
-    n = 576
-    r = P.randomized_hadamard(n, 11)
-    np.testing.assert_allclose(r @ r.T, np.eye(n), atol=1e-10)
-    np.testing.assert_array_equal(r, P.randomized_hadamard(n, 11))
-    ratio = r / P.hadamard_matrix(n)  # H @ diag(s): each column scaled by one sign
-    np.testing.assert_array_equal(ratio, np.broadcast_to(ratio[0], ratio.shape))
-    assert set(np.unique(ratio[0])) == {-1.0, 1.0}
-    assert not np.array_equal(r, P.randomized_hadamard(n, 12))
+def test_randomized_hadamard_flips_signs_before_mixing():
+    """QuaRot's R = diag(s) H (its code draws s, builds diag(s) and applies the Hadamard to it): every
+    *row* of R is the row of H times one sign. Independent reference: Sylvester's H from scipy for n = 2^k."""
+    import scipy.linalg
+
+    for n in (64, 576):
+        r = P.randomized_hadamard(n, 11)
+        np.testing.assert_allclose(r @ r.T, np.eye(n), atol=1e-10)
+        np.testing.assert_array_equal(r, P.randomized_hadamard(n, 11))
+        assert not np.array_equal(r, P.randomized_hadamard(n, 12))
+        ratio = r / P.hadamard_matrix(n)
+        np.testing.assert_array_equal(ratio, np.broadcast_to(ratio[:, :1], ratio.shape))  # one sign per row
+        assert set(np.unique(ratio)) == {-1.0, 1.0}
+    n = 64
+    h = scipy.linalg.hadamard(n) / np.sqrt(n)
+    r = P.randomized_hadamard(n, 3)
+    s = np.sign(r[:, 0] / h[:, 0])
+    np.testing.assert_allclose(r, np.diag(s) @ h, atol=1e-15)
+
+
+def test_randomized_hadamard_spreads_a_constant_channel_pattern():
+    """The point of the randomization: x = ones (the same value on every channel, as an LLM's massive
+    activations often are) is concentrated by a plain Sylvester-type Hadamard onto one output, and spread
+    by x diag(s) H. The old H diag(s) order kept max|y| near |y|_2 (nearly all energy in one channel)."""
+    for n in (64, 576):
+        y = np.ones(n) @ P.randomized_hadamard(n, 0)
+        np.testing.assert_allclose(np.linalg.norm(y), np.sqrt(n), rtol=1e-12)  # orthogonal
+        # each y_j = sum_i s_i H_ij is a sum of n random +-1/sqrt(n) terms: about N(0, 1), so max|y| < 5
+        assert np.max(np.abs(y)) < 5.0, (n, np.max(np.abs(y)))
+        old = np.ones(n) @ (P.hadamard_matrix(n) * np.random.default_rng(0).choice([-1.0, 1.0], n)[None, :])
+        assert np.max(np.abs(old)) > 0.9 * np.sqrt(n)  # the defect this guards against
