@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from models.precision import EXACT
 from models.rope import apply_rope, inverse_frequencies, rope_tables
 
 SITES = ("attn_in", "q_rope", "k_rope", "q", "k", "v", "o_in", "mlp_in", "down_in")
@@ -76,12 +77,12 @@ class Linear(nnx.Module):
         self.lr_b = nnx.data(None if lr_b is None else _param(lr_b))
 
     def __call__(self, x, hooks: "SiteHooks" = None):
-        y = jnp.einsum("...i,io->...o", x, self.w[...].astype(x.dtype))
+        y = jnp.einsum("...i,io->...o", x, self.w[...].astype(x.dtype), precision=EXACT)
         if self.lr_a is not None:
-            t = jnp.einsum("...i,ik->...k", x, self.lr_a[...].astype(x.dtype))
+            t = jnp.einsum("...i,ik->...k", x, self.lr_a[...].astype(x.dtype), precision=EXACT)
             if hooks is not None:
                 t = hooks("lowrank", t)
-            y = y + jnp.einsum("...k,ko->...o", t, self.lr_b[...].astype(x.dtype))
+            y = y + jnp.einsum("...k,ko->...o", t, self.lr_b[...].astype(x.dtype), precision=EXACT)
         if self.b is not None:
             y = y + self.b[...].astype(x.dtype)
         return y
@@ -126,10 +127,10 @@ def _ungroup(out: jnp.ndarray, t: int, dtype) -> jnp.ndarray:
 def _attend(qg, kk, vv, mask):
     """Masked softmax attention in float32. qg: [B, KV, M, hd] (scaled); kk, vv: [B, KV, S, hd];
     mask: [M, S] bool (True = attend) -> [B, KV, M, hd]."""
-    scores = jnp.einsum("bkmd,bksd->bkms", qg, kk)
+    scores = jnp.einsum("bkmd,bksd->bkms", qg, kk, precision=EXACT)
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    return jnp.einsum("bkms,bksd->bkmd", probs, vv) / jnp.sum(probs, axis=-1, keepdims=True)
+    return jnp.einsum("bkms,bksd->bkmd", probs, vv, precision=EXACT) / jnp.sum(probs, axis=-1, keepdims=True)
 
 
 def _kv_major(x: jnp.ndarray) -> jnp.ndarray:
@@ -231,8 +232,8 @@ class DecoderLayer(nnx.Module):
         k = site("k_rope", apply_rope(k, cos, sin))
         if self.key_rotation is not None:
             rot = self.key_rotation[...].astype(q.dtype)
-            q = jnp.einsum("bthd,de->bthe", q, rot)
-            k = jnp.einsum("bthd,de->bthe", k, rot)
+            q = jnp.einsum("bthd,de->bthe", q, rot, precision=EXACT)
+            k = jnp.einsum("bthd,de->bthe", k, rot, precision=EXACT)
         k_raw = k
         q = site("q", q)
         k = site("k", k)
@@ -294,7 +295,7 @@ def chunked_nll(h: jnp.ndarray, w_vd: jnp.ndarray, target: jnp.ndarray, chunk: i
     def step(carry, xs):
         run_max, run_sum, tgt = carry
         w_c, off = xs
-        logits = h @ w_c.T  # [N, chunk]
+        logits = jnp.matmul(h, w_c.T, precision=EXACT)  # [N, chunk]
         logits = jnp.where(off + jnp.arange(chunk) < v, logits, -jnp.inf)
         new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
         run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1)
@@ -334,8 +335,8 @@ class Decoder(nnx.Module):
         """x: [B, T, d] (last layer output) -> logits [B, T, vocab] float32."""
         h = self._head_input(x)
         if self.lm_head is None:
-            return jnp.einsum("btd,vd->btv", h, self.embed[...].astype(jnp.float32))
-        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(jnp.float32))
+            return jnp.einsum("btd,vd->btv", h, self.embed[...].astype(jnp.float32), precision=EXACT)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(jnp.float32), precision=EXACT)
 
     def head_nll(self, x, tokens):
         """Mean next-token cross-entropy per window without materializing the logits.

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models.decoder import IDENTITY, Decoder, SiteHooks
+from models.precision import EXACT
 from models.runner import LayerStreamer
 
 CAPTURED = ("attn_in", "mlp_in", "v", "k_rope", "o_in", "down_in")
@@ -65,10 +66,10 @@ def _window_stats(sites: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
     x_attn, x_mlp = f64(sites["attn_in"]), f64(sites["mlp_in"])
     v, k = f64(sites["v"]), f64(sites["k_rope"])
     out = {
-        "attn": jnp.einsum("bti,btj->ij", x_attn, x_attn),
-        "mlp": jnp.einsum("bti,btj->ij", x_mlp, x_mlp),
-        "value": jnp.einsum("btki,btkj->kij", v, v),
-        "key": jnp.einsum("btki,btkj->ij", k, k),
+        "attn": jnp.einsum("bti,btj->ij", x_attn, x_attn, precision=EXACT),
+        "mlp": jnp.einsum("bti,btj->ij", x_mlp, x_mlp, precision=EXACT),
+        "value": jnp.einsum("btki,btkj->kij", v, v, precision=EXACT),
+        "key": jnp.einsum("btki,btkj->ij", k, k, precision=EXACT),
     }
     for name in ABS_SITES:
         a = sites[name]

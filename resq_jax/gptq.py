@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from models.precision import EXACT
+
 from resq_jax.quantizers import (WeightCodes, _div, _is_int, check_bits, is_off, quantize_with_scale,
                                  weight_scales)
 
@@ -46,7 +48,6 @@ __all__ = [
 ]
 
 _F32 = jnp.float32
-_HIGHEST = lax.Precision.HIGHEST
 DEFAULT_MAX_RETRIES = 4  # damping tried: damp, 10 damp, ..., 10^4 damp (times mean(diag H))
 
 
@@ -84,7 +85,7 @@ def hessian_update(h: jax.Array, count, x: jax.Array) -> tuple[jax.Array, jax.Ar
     total = (n + m).astype(_F32)
     h = h.astype(_F32) * (n.astype(_F32) / total)
     x = x * jnp.sqrt(_F32(2.0) / total)
-    h = h + jnp.matmul(x.T, x, precision=_HIGHEST)
+    h = h + jnp.matmul(x.T, x, precision=EXACT)
     return h, n + m
 
 
@@ -177,7 +178,7 @@ def gptq_sweep(w: jax.Array, u: jax.Array, scales: jax.Array, row_group: jax.Arr
         _, c1, q1, e1 = lax.fori_loop(0, b, row_body, init)
         # u[i1:i2, j] = 0 for j < i1 (upper triangular): earlier rows receive exact zeros, and
         # the block's own rows are already final in w_q, so the whole matrix can be updated.
-        w = w - jnp.matmul(u_rows.T, e1, precision=_HIGHEST)
+        w = w - jnp.matmul(u_rows.T, e1, precision=EXACT)
         codes = lax.dynamic_update_slice_in_dim(codes, c1, i1, 0)
         w_q = lax.dynamic_update_slice_in_dim(w_q, q1, i1, 0)
         return w, codes, w_q, ok & jnp.all(jnp.isfinite(e1))
@@ -392,7 +393,7 @@ def gptq_error(w: jax.Array, w_q: jax.Array, h: jax.Array) -> jax.Array:
     """GPTQ's proxy loss ``tr((W - Wq)^T H (W - Wq))`` for ``w, w_q: [d_in, d_out]`` and
     ``h: [d_in, d_in]`` (float32 scalar; with H = (2/n) sum x x^T it is (2/n) ||X W - X Wq||^2)."""
     dw = w.astype(_F32) - w_q.astype(_F32)
-    return jnp.sum(dw * jnp.matmul(h.astype(_F32), dw, precision=_HIGHEST))
+    return jnp.sum(dw * jnp.matmul(h.astype(_F32), dw, precision=EXACT))
 
 
 def benchmark(d_in: int, d_out: int, *, low_bits: int = 4, high_rows: int | None = None,

@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.precision import EXACT
+
 __all__ = [
     "MAX_K",
     "HadamardSizeError",
@@ -615,7 +617,7 @@ def hadamard_transform(x: jax.Array, n: int | None = None, transpose: bool = Fal
     z = _fwht_last(x.astype(cdt).reshape(lead + (k, 1 << m)))
     if k > 1:
         hmat = jnp.asarray(hk.T if transpose else hk, dtype=cdt)
-        z = jnp.einsum("kj,...jm->...km", hmat, z, precision=jax.lax.Precision.HIGHEST)
+        z = jnp.einsum("kj,...jm->...km", hmat, z, precision=EXACT)
     y = z.reshape(lead + (n,)) * jnp.asarray(1.0 / math.sqrt(n), dtype=cdt)
     return y.astype(out_dt)
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.decoder import IDENTITY, site_recorder
+from models.precision import EXACT
 from models.runner import LayerStreamer
 from resq_jax.fake_quant import LINEARS, OFF, WeightSpec, linear_high_rows
 from resq_jax.quantizers import WeightCodes, dequantize_weight, quantize_weight_sym
@@ -81,7 +82,7 @@ def _gram(v: jnp.ndarray) -> jnp.ndarray:
     """v: [B, T, c] or [B, T, heads, hd] -> sum over tokens of v v^T: [c, c] float32."""
     v = v.astype(jnp.float32)
     v = v.reshape(-1, v.shape[2] * (v.shape[3] if v.ndim == 4 else 1))
-    return v.T @ v
+    return jnp.matmul(v.T, v, precision=EXACT)
 
 
 # The four stages of one layer, each a jitted function of the layer (graphdef, state) and the

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.precision import EXACT
 from resq_jax import projections
 
 __all__ = [
@@ -283,7 +284,7 @@ def _dense(x: jax.Array, n: int, transpose: bool) -> jax.Array:
     cdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
     h = projections.hadamard_matrix(n)
     hmat = jnp.asarray(h if transpose else h.T, dtype=cdt)  # y = x @ H^T, or x @ H for transpose
-    y = jnp.matmul(x.astype(cdt), hmat, precision=jax.lax.Precision.HIGHEST)
+    y = jnp.matmul(x.astype(cdt), hmat, precision=EXACT)
     return y.astype(x.dtype)
 
 
