@@ -173,10 +173,8 @@ def causal_self_attention(q, k, v, block: int = 128):
 
 def online_hadamard(x: jnp.ndarray, n: int) -> jnp.ndarray:
     """x: [..., n] -> x @ H^T with H the normalized size-n Hadamard (native kernel when built)."""
-    try:
-        from resq_jax.kernels.hadamard import hadamard
-    except ImportError:  # kernels not built into this checkout: the jnp reference
-        from resq_jax.projections import hadamard_transform as hadamard
+    from resq_jax.kernels.hadamard import hadamard  # native kernel, or the jnp reference with a warning
+
     return hadamard(x, n)
 
 

@@ -100,6 +100,17 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices), ("data",))
 
 
+def check_window_count(n_windows: int, per_device_batch: int = 1, n_devices: int | None = None) -> None:
+    """Raise ValueError unless ``n_windows`` splits evenly over the devices (callers check this before
+    loading a model). ``n_devices`` defaults to the local device count."""
+    n_dev = jax.local_device_count() if n_devices is None else n_devices
+    step = per_device_batch * n_dev
+    if n_windows % step:
+        raise ValueError(
+            f"{n_windows} calibration windows do not split evenly over {n_dev} device(s) x {per_device_batch} "
+            f"windows per device: use a multiple of {step} (e.g. --calib-windows {max(step, n_windows // step * step)})")
+
+
 def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_device_batch: int = 1,
               hooks: SiteHooks = IDENTITY, devices=None, progress: bool = True) -> CalibrationStats:
     """Stream the calibration windows [N, T] through the model (a Decoder, or a
@@ -112,12 +123,8 @@ def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_devi
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"calibration windows must be [N >= 1, T], got shape {windows.shape}")
     mesh = data_mesh(devices)
-    n_dev = mesh.devices.size
-    step_windows = per_device_batch * n_dev
-    if windows.shape[0] % step_windows:
-        raise ValueError(
-            f"{windows.shape[0]} calibration windows do not split evenly over {n_dev} device(s) x "
-            f"{per_device_batch} windows per device: use a multiple of {step_windows}")
+    check_window_count(windows.shape[0], per_device_batch, mesh.devices.size)
+    step_windows = per_device_batch * mesh.devices.size
     streamer = model if isinstance(model, LayerStreamer) else LayerStreamer(model)
     cfg = streamer.config
     n_layers = cfg.num_layers

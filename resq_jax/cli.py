@@ -137,6 +137,9 @@ def _describe(method: str, cfg: dict) -> str:
         if cfg.get("high_fraction"):
             text += f" hi={cfg['high_fraction']:g}@{cfg['high_bits']}b"
         text += f" {cfg['weight_quantizer']}" + ("+clip" if cfg.get("clip_search") else "")
+        if cfg["weight_quantizer"] == "gptq":
+            text += ("+act" if cfg.get("act_order") else "") + (
+                f" damp={cfg['damp']:g}" if cfg.get("damp", 0.01) != 0.01 else "")
     if cfg.get("rank"):
         text += f" r{cfg['rank']}"
     if not off(cfg.get("embed_bits")):

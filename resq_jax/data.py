@@ -197,7 +197,7 @@ def _wikitext2(split: str) -> str:
         import datasets  # noqa: PLC0415 - optional dependency, imported on demand
     except ImportError as e:
         raise TextSourceError(
-            "the WikiText-2 texts need the `datasets` package (pip install datasets) and access to "
+            "the WikiText-2 texts need the `datasets` package (pip install 'resq-jax[wikitext]') and access to "
             "the Hugging Face hub; offline, use the built-in texts "
             f"{', '.join(OFFLINE_TEXTS)} or a text file") from e
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -81,15 +81,65 @@ DEFAULT_RANK = 32
 LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 
 
+# Settings that only some recipes use. A QuantConfig refuses one its recipe would ignore (a flag accepted
+# and silently dropped is a wrong result nobody notices); the CLI passes each flag to the methods it
+# applies to and refuses a flag that none of the requested methods uses.
+SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size")
+DEFAULT_DAMP = 0.01
+DEFAULT_ACT_ORDER = False
+
+
+def setting_applies(name: str, method: str, high_fraction: float | None = None,
+                    weight_quantizer: str | None = None) -> bool:
+    """Whether recipe ``method`` uses setting ``name`` (one of SETTINGS), given the other settings."""
+    r = RECIPES[method]
+    integer = r.quantize and r.formats == "int"
+    if name in ("high_fraction", "weight_quantizer"):
+        return integer
+    if name == "high_bits":
+        return integer and (r.default_high_fraction if high_fraction is None else float(high_fraction)) > 0
+    if name in ("act_order", "damp"):
+        return integer and (weight_quantizer or r.weight_quantizer) == "gptq"
+    if name == "rank":
+        return r.lowrank != "none"
+    if name in ("w_format", "group_size"):
+        return r.formats == "mxint"
+    raise KeyError(name)
+
+
+_WHY = {
+    "high_bits": "no channel is kept in high precision (high fraction 0, or MXINT formats)",
+    "high_fraction": "it has no high-precision subspace (float or MXINT formats)",
+    "weight_quantizer": "its weights are float or MXINT-rounded",
+    "act_order": "its weights are not quantized by GPTQ",
+    "damp": "its weights are not quantized by GPTQ",
+    "rank": "it has no low-rank correction",
+    "w_format": "its weights are per-channel integers or float",
+    "group_size": "its weights are per-channel integers or float",
+}
+
+
+def not_applicable(name: str, methods: Sequence[str]) -> str:
+    """The error for setting ``name`` given to ``methods``, none of which uses it."""
+    users = [m for m in METHODS if setting_applies(name, m)]
+    what = (f"method {methods[0]!r}" if len(methods) == 1 else f"methods {', '.join(methods)}" if methods
+            else "the float model")
+    return (f"--{name.replace('_', '-')} does not apply to {what} ({_WHY[name]}); it applies to "
+            f"{', '.join(users)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     method: str = "resq"
     w_bits: int = 4
     a_bits: int | None = None  # None: the method's default (4; 8 for the MXINT recipes)
     kv_bits: int | None = None  # None: the method's default (4; 16 = off for the MXINT recipes)
-    high_bits: int = 8
+    high_bits: int | None = None  # None: 8
     high_fraction: float | None = None  # None: the method's default
     weight_quantizer: str | None = None  # None: the method's default
+    act_order: bool | None = None  # GPTQ: sweep rows by descending Hessian diagonal, each row keeping its
+    # group (None: DEFAULT_ACT_ORDER where GPTQ runs)
+    damp: float | None = None  # GPTQ: damping relative to mean(diag H) (None: 0.01, GPTQ's and ResQ's)
     clip_search: bool | None = None  # MSE clip search of weight and embedding-table scales (None: on for
     # the integer recipes)
     seed: int = 0
@@ -103,6 +153,24 @@ class QuantConfig:
         if self.method not in RECIPES:
             raise QuantConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         r = RECIPES[self.method]
+        for name in SETTINGS:
+            value = getattr(self, name)
+            if value is not None and not setting_applies(name, self.method, self.high_fraction,
+                                                                        self.weight_quantizer):
+                raise QuantConfigError(not_applicable(name, [self.method]))
+        if self.high_bits is None:
+            object.__setattr__(self, "high_bits", 8)
+        if self.act_order is None:
+            object.__setattr__(self, "act_order", DEFAULT_ACT_ORDER and setting_applies(
+                "act_order", self.method, weight_quantizer=self.weight_quantizer))
+        elif not isinstance(self.act_order, bool):
+            raise QuantConfigError(f"act_order must be True or False, got {self.act_order!r}")
+        if self.damp is None:
+            object.__setattr__(self, "damp", DEFAULT_DAMP)
+        if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not np.isfinite(self.damp)
+                or not self.damp > 0):
+            raise QuantConfigError(f"--damp must be a positive number (relative to mean(diag H); GPTQ uses 0.01), "
+                                   f"got {self.damp!r}")
         if r.formats == "mxint" and self.kv_bits is not None and self.kv_bits < OFF:
             raise QuantConfigError(f"method {self.method!r} does not quantize the KV cache (LQER's setting); "
                                    f"drop --kv-bits or run {self.method} separately from KV-quantized methods")
@@ -135,9 +203,6 @@ class QuantConfig:
                                             or self.group_size <= 0):
             raise QuantConfigError(f"--group-size must be a positive integer (e.g. 128), got {self.group_size!r}")
         if r.formats == "mxint":
-            if self.weight_quantizer == "gptq":
-                raise QuantConfigError(f"method {self.method!r} quantizes weights to MXINT by rounding; "
-                                       "--weight-quantizer gptq is for the integer recipes")
             self.lqer_spec()  # raises for MXINT widths the format lacks
 
     @property
@@ -177,6 +242,8 @@ class QuantConfig:
         d["high_fraction"] = self.fraction
         d["weight_quantizer"] = self.weights_by if self.recipe.formats == "int" else "rtn"
         d["rank"] = self.rank_used
+        if not uses_gptq(self):
+            d["act_order"] = d["damp"] = None
         if self.recipe.formats == "mxint":
             spec = self.lqer_spec()
             d["w_format"], d["group_size"] = spec.w_format, spec.group_size
@@ -400,6 +467,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
 
             if uses_gptq(qc):
                 qw = weight_quantization.gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc),
+                                                            act_order=qc.act_order, damp=qc.damp,
                                                             progress=progress, timings=details)
             else:
                 qw = weight_quantization.rtn_weights_codes(config, w, weight_spec(config, qc))

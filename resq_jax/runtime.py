@@ -741,14 +741,15 @@ def integer_decoder(qm, impl: str = "auto") -> tuple[Decoder, PackedHooks] | Non
     "jnp" and "f32" give the same integers, hence identical outputs), and the model is the one
     pack_model stores (embeddings and lm_head in float16, REFERENCE.md section 3, or the
     quantized tables of ``embed_bits`` < 16), so the perplexity is the packed checkpoint's."""
-    pm = try_pack(qm)
+    pm, _ = try_pack(qm)
     return None if pm is None else (packed_decoder(pm, impl), pm.hooks)
 
 
-def try_pack(qm) -> PackedModel | None:
-    """pack_model(qm), or None when the packed runtime cannot represent the model (PackError)."""
+def try_pack(qm) -> tuple[PackedModel | None, str]:
+    """(pack_model(qm), "") or, when the packed runtime cannot represent the model, (None, why): the
+    PackError's message, for the caller to tell the user which evaluation path runs instead."""
     try:
-        return pack_model(qm)
-    except PackError:
-        return None
+        return pack_model(qm), ""
+    except PackError as e:
+        return None, str(e)
 

@@ -149,7 +149,7 @@ def _split_codes(c: WeightCodes, cuts: np.ndarray) -> list[WeightCodes]:
 
 
 def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: np.ndarray,
-                spec: WeightSpec, act_order: bool) -> None:
+                spec: WeightSpec, act_order: bool, damp: float) -> None:
     """GPTQ the linears ``names`` of layer i, which share the input whose Hessian is h, in one
     call on their side-by-side weights (columns are independent given H and the scales: one
     Cholesky and one sweep), writing the dequantized weights into ``out`` and codes into ``codes``."""
@@ -164,7 +164,8 @@ def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: n
     ws = [np.asarray(out[k], np.float32) for k in keys]
     cuts = np.cumsum([w.shape[1] for w in ws])[:-1]
     res = gptq_quantize(np.concatenate(ws, axis=1), h, low_bits=spec.w_bits, high_bits=spec.high_bits,
-                        high_rows=high, row_perm=perm, act_order=act_order, clip_search=spec.clip_search)
+                        high_rows=high, row_perm=perm, act_order=act_order, damp=damp,
+                        clip_search=spec.clip_search)
     w_q = np.asarray(res.w_q, np.float32)
     for k, w_part, c in zip(keys, np.split(w_q, cuts, axis=1), _split_codes(res.codes, cuts)):
         out[k] = w_part
@@ -172,7 +173,8 @@ def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: n
 
 
 def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
-                       spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, progress: bool = True,
+                       spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, damp: float = 0.01,
+                       progress: bool = True,
                        timings: dict | None = None) -> QuantizedWeights:
     """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]; the codes
     are GPTQResult.codes (act_order permutes rows inside GPTQ only: its codes come back in
@@ -204,19 +206,19 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
         t0 = time.perf_counter()
         g, s = split()
         _gptq_group(out, codes, config, i, ("q", "k", "v"),
-                    total([_stage_attn_in(g, s, x, rope, positions) for x in xs]), spec, act_order)
+                    total([_stage_attn_in(g, s, x, rope, positions) for x in xs]), spec, act_order, damp)
         g, s = split()
         a_h = [_stage_o_in(g, s, x, rope, positions) for x in xs]
-        _gptq_group(out, codes, config, i, ("o",), total([h for _, h in a_h]), spec, act_order)
+        _gptq_group(out, codes, config, i, ("o",), total([h for _, h in a_h]), spec, act_order, damp)
         g, s = split()
         x1_h = [_stage_mlp_in(g, s, x, a) for x, (a, _) in zip(xs, a_h)]
         del a_h
-        _gptq_group(out, codes, config, i, ("gate", "up"), total([h for _, h in x1_h]), spec, act_order)
+        _gptq_group(out, codes, config, i, ("gate", "up"), total([h for _, h in x1_h]), spec, act_order, damp)
         x1s = [x1 for x1, _ in x1_h]
         del x1_h
         g, s = split()
         _gptq_group(out, codes, config, i, ("down",), total([_stage_down_in(g, s, x1) for x1 in x1s]),
-                    spec, act_order)
+                    spec, act_order, damp)
         g, s = split()
         xs = [_stage_out(g, s, x1) for x1 in x1s]
         del x1s

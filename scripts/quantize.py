@@ -34,14 +34,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "recipes mxint/lqer/l2qer, whose widths are 4, 6 or 8)")
     p.add_argument("--kv-bits", type=int, default=None,
                    help="KV cache bits (2..8, 16 = off; default: the method's: 4, off for mxint/lqer/l2qer)")
-    p.add_argument("--high-bits", type=int, default=8,
-                   help="bits of the high-precision channels (default %(default)s)")
+    p.add_argument("--high-bits", type=int, default=None,
+                   help="bits of the high-precision channels (default 8; integer recipes with a high fraction)")
     p.add_argument("--high-fraction", type=float, default=None,
                    help="fraction of channels kept at --high-bits, in [0, 1) (default: the method's: "
                         "resq 0.125, others 0)")
     p.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default=None,
                    help="weight quantizer of the integer recipes (default: the method's: rtn for rtn, gptq for "
                         "gptq, quarot, resq and resq+l2qer)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize input rows in descending order of the Hessian diagonal (each row keeps "
+                        "its 4- or 8-bit group); default off")
+    p.add_argument("--damp", type=float, default=None,
+                   help="GPTQ: damping added to the Hessian diagonal, relative to its mean (default 0.01)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="MSE clip search of the weight scales (shrink factors 1 - i/100, i < 80, error "
                         "norm 2.4, per output channel; for --embed-bits tables 1 - 2i/100, i < 20, squared "
@@ -88,6 +93,26 @@ def method_list(args) -> list[str]:
     return ["none"] + [m for m in dict.fromkeys(names) if m != "none"]
 
 
+def quant_configs(args, methods: list[str]) -> list:
+    """One QuantConfig per method. Every method gets the bit widths; each optional setting goes only to the
+    methods that use it (``--rank 16`` with ``--method resq,resq+l2qer`` reaches resq+l2qer), and a flag
+    that none of the requested methods uses is refused instead of being ignored."""
+    from resq_jax.methods import SETTINGS, QuantConfig, QuantConfigError, not_applicable, setting_applies
+
+    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    quantizing = [m for m in methods if m != "none"]
+    for name in given:
+        if not any(setting_applies(name, m, args.high_fraction, args.weight_quantizer) for m in quantizing):
+            raise QuantConfigError(not_applicable(name, quantizing))
+    configs = [QuantConfig(method="none")]
+    for m in quantizing:
+        own = {k: v for k, v in given.items() if setting_applies(k, m, args.high_fraction, args.weight_quantizer)}
+        configs.append(QuantConfig(method=m, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
+                                   clip_search=args.clip_search, seed=args.seed, embed_bits=args.embed_bits,
+                                   embed_group=args.embed_group, **own))
+    return configs
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -97,19 +122,21 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from resq_jax.methods import QuantConfig, QuantConfigError
+    from resq_jax.methods import QuantConfigError
 
     # --- every check before any work -------------------------------------------------------
     cli.check_positive(args, "calib_windows", "calib_seq_len", "eval_windows", "eval_seq_len", "batch_size")
     try:
-        configs = [QuantConfig(method=m, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
-                               high_bits=args.high_bits, high_fraction=args.high_fraction,
-                               weight_quantizer=args.weight_quantizer, clip_search=args.clip_search,
-                               seed=args.seed, rank=args.rank, w_format=args.w_format,
-                               group_size=args.group_size, embed_bits=args.embed_bits if m != "none" else 16,
-                               embed_group=args.embed_group if m != "none" else None) for m in method_list(args)]
+        configs = quant_configs(args, method_list(args))
     except QuantConfigError as e:
         raise cli.UserError(str(e)) from None
+    if any(qc.recipe.needs_calibration for qc in configs):
+        from resq_jax.calibration import check_window_count
+
+        try:
+            check_window_count(args.calib_windows)
+        except ValueError as e:
+            raise cli.UserError(f"--calib-windows: {e}") from None
     if args.out and os.path.exists(args.out) and not args.force:
         raise cli.UserError(f"--out {args.out} already exists; pass --force to overwrite it or choose another folder")
     if args.out:
@@ -137,6 +164,10 @@ def run(args) -> int:
             raise cli.UserError(f"{qc.method}: {e}") from None
     log(f"loaded {loaded.source} ({loaded.config.arch}, {loaded.config.num_layers} layers) in "
         f"{time.perf_counter() - t0:.1f}s")
+    if any(qc.recipe.down_hadamard for qc in configs):
+        from resq_jax.kernels.hadamard import describe_auto
+
+        log(describe_auto())
     evals = cli.eval_sets(loaded.tokenizer, args.eval_text, args.eval_windows, args.eval_seq_len)
     calib = None
     if any(qc.recipe.needs_calibration or uses_gptq(qc) for qc in configs):
@@ -157,7 +188,12 @@ def run(args) -> int:
         if qm.stats is not None:
             stats_cache[qc.recipe.fold_norms] = qm.stats
         # --eval-path packed: the model as pack_model stores it (runtime.integer_decoder), kept for --out
-        packed = try_pack(qm) if args.eval_path == "packed" and qc.recipe.quantize else None
+        packed = None
+        if args.eval_path == "packed" and qc.recipe.quantize:
+            packed, why = try_pack(qm)
+            if packed is None:
+                print(f"{qc.method}: evaluated with fake quantization (eval column 'fake'): the packed runtime "
+                      f"cannot run it ({why})", file=sys.stderr, flush=True)
         model, hooks = (packed_decoder(packed), packed.hooks) if packed else (from_weights(qm.config, qm.weights),
                                                                               qm.hooks)
         ppl, secs = {}, 0.0

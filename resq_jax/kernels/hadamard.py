@@ -392,6 +392,21 @@ def _resolve_impl(impl: str, dtype: jnp.dtype) -> str:
     return impl
 
 
+def describe_auto() -> str:
+    """One line naming what ``impl="auto"`` runs for float32 on the default backend (for the CLIs to print)."""
+    impl = os.environ.get(ENV_IMPL, "").strip().lower() or "auto"
+    if impl in ("jnp", "dense"):
+        return f"Hadamard transform: {impl} (${ENV_IMPL}={impl})"
+    platform = _default_kernel_platform()
+    st = _LOADER.status()
+    if platform == "cpu" and st.cpu_library:
+        return f"Hadamard transform: native CPU kernel ({st.cpu_isa}, {st.cpu_library})"
+    if platform == "cuda" and st.cuda_library:
+        return f"Hadamard transform: native CUDA kernel ({st.cuda_library})"
+    return (f"Hadamard transform: jnp reference, the native {platform or jax.default_backend()} kernel is unavailable "
+            f"({'; '.join(st.errors) or 'not built for this backend'})")
+
+
 def hadamard(x, size: int | None = None, *, transpose: bool = False, impl: str = "auto") -> jax.Array:
     """Normalized Hadamard transform along the last axis.
 
