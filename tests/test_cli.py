@@ -36,6 +36,13 @@ def assert_clean_error(res, *needles):
     (["--calib-windows", "0"], ["--calib-windows must be a positive integer"]),
     (["--eval-seq-len", "-5"], ["--eval-seq-len must be a positive integer"]),
     (["--method", "spinquant"], ["unknown method", "resq"]),
+    # flags a recipe would ignore are refused, naming the methods that use them
+    (["--method", "resq", "--w-format", "int"], ["--w-format does not apply to method 'resq'", "lqer"]),
+    (["--method", "resq", "--rank", "16"], ["--rank does not apply", "resq+l2qer"]),
+    (["--method", "mxint,lqer", "--high-fraction", "0.1"], ["--high-fraction does not apply to methods mxint, lqer"]),
+    (["--method", "rtn", "--high-bits", "6"], ["--high-bits does not apply", "resq"]),
+    (["--weight-quantizer", "rtn", "--act-order"], ["--act-order does not apply to methods rtn, quarot, resq"]),
+    (["--method", "resq", "--damp", "0"], ["--damp must be a positive number"]),
 ])
 def test_quantize_rejects_bad_settings_before_loading(args, needles):
     assert_clean_error(run("quantize.py", "--model", "/nonexistent/model", *args), *needles)
@@ -69,3 +76,11 @@ def test_text_shorter_than_one_window_and_too_many_windows(tmp_path):
     assert_clean_error(run("evaluate.py", "--eval-text", str(short)), "short", "fewer than one")
     assert_clean_error(run("quantize.py", "--method", "resq", "--calib-windows", "100000"),
                        "--calib-text", "at most")
+
+
+def test_window_count_checked_against_devices_before_loading():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "quantize.py"), "--quiet", "--model",
+                          "/nonexistent/model", "--method", "resq", "--calib-windows", "8"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert_clean_error((res.returncode, res.stdout, res.stderr), "--calib-windows", "3 device(s)", "multiple of 3")

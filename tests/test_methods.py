@@ -52,7 +52,7 @@ def test_method_defaults():
     (dict(method="l2qer", a_bits=5), "MXINT width must be one of 4, 6, 8"),
     (dict(method="mxint", w_bits=3), "MXINT width"),
     (dict(method="l2qer", rank=-1), "--rank"),
-    (dict(method="lqer", weight_quantizer="gptq"), "MXINT by rounding"),
+    (dict(method="lqer", weight_quantizer="gptq"), "MXINT-rounded"),
     (dict(method="lqer", w_format="fp8"), "--w-format"),
     (dict(method="lqer", w_format="int", group_size=0), "--group-size"),
 ])
@@ -125,3 +125,26 @@ def test_recipes_end_to_end_tiny(tiny):
     print("relative logit error", err)
     assert err["lqer"] < 0.8 * err["mxint"] and err["l2qer"] < 0.8 * err["mxint"]
     assert err["resq+l2qer"] < err["resq"]
+
+
+def test_settings_a_recipe_would_ignore_are_refused():
+    from resq_jax.methods import setting_applies
+
+    for kwargs, needle in [(dict(method="resq", rank=8), "--rank does not apply"),
+                           (dict(method="resq", w_format="int"), "--w-format does not apply"),
+                           (dict(method="resq", group_size=64), "--group-size does not apply"),
+                           (dict(method="lqer", high_fraction=0.1), "--high-fraction does not apply"),
+                           (dict(method="l2qer", high_bits=6), "--high-bits does not apply"),
+                           (dict(method="rtn", high_bits=6), "--high-bits does not apply"),
+                           (dict(method="mxint", weight_quantizer="gptq"), "--weight-quantizer does not apply"),
+                           (dict(method="resq", weight_quantizer="rtn", act_order=True), "--act-order does not apply"),
+                           (dict(method="rtn", damp=0.1), "--damp does not apply")]:
+        with pytest.raises(QuantConfigError, match=needle):
+            QuantConfig(**kwargs)
+    # and they take effect where they apply
+    assert QuantConfig(method="rtn", high_fraction=0.125, high_bits=6).high_bits == 6
+    qc = QuantConfig(method="resq", act_order=True, damp=0.05)
+    assert (qc.act_order, qc.damp) == (True, 0.05) and qc.to_dict()["act_order"] is True
+    assert QuantConfig(method="resq", weight_quantizer="rtn").to_dict()["act_order"] is None
+    assert QuantConfig(method="resq+l2qer", rank=8).rank_used == 8
+    assert not setting_applies("rank", "resq") and setting_applies("rank", "resq+l2qer")
