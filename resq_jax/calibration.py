@@ -1,4 +1,4 @@
-"""Streamed calibration statistics (REFERENCE.md section 1.3).
+"""Streamed calibration statistics (docs/algorithms.md, Second moments).
 
 The model runs layer by layer over the calibration windows: each layer is fed the previous
 layer's float outputs, and only one layer's weights and activations are live at a time. For

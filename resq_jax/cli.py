@@ -1,6 +1,6 @@
 """Shared command-line plumbing of scripts/quantize.py and scripts/evaluate.py.
 
-Flags follow DESIGN.md's contract. Every check that can fail runs before any heavy work, and
+Flags follow docs/architecture.md, Command-line contract. Every check that can fail runs before any heavy work, and
 a bad input ends the program with one line naming the problem and the fix (exit code 2).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def add_eval_args(p: argparse.ArgumentParser, default_windows: int = 40):
                    help="first N non-overlapping windows of each evaluation text (default %(default)s)")
     p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per evaluation batch (default %(default)s)")
-    p.add_argument("--json", default=None, help="write the results JSON (DESIGN.md contract) to this file")
+    p.add_argument("--json", default=None, help="write the results JSON (docs/formats.md, Results JSON) to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -12,14 +12,14 @@ Texts (``load_text``):
                   wiki-calib + wiki-eval == wiki exactly.
     "news"        the Lee news corpus (299 short articles), joined with "\\n\\n".
 - Online, through the ``datasets`` library: "wikitext2" (WikiText-2 raw, test split) and
-  "wikitext2-train" (train split), rows joined with "\\n\\n" (REFERENCE.md section 7).
+  "wikitext2-train" (train split), rows joined with "\\n\\n" (docs/reproducing.md, WikiText-2).
 - Any UTF-8 text file; its text name is the file name without extension.
 
 Cache: ``$RESQ_JAX_CACHE/text/`` if RESQ_JAX_CACHE is set, else ``~/.cache/resq_jax/text/``.
 Files are written atomically (temporary file + ``os.replace``); once they exist pip is never
 called again. The cache file names carry the gensim and extractor versions.
 
-Windows (perplexity protocol, DESIGN.md): the whole text is tokenized once without BOS or
+Windows (docs/reproducing.md, Evaluation protocol): the whole text is tokenized once without BOS or
 other special tokens (``tokenize``); evaluation takes the first N non-overlapping windows of
 L tokens (``eval_windows``); calibration takes N windows at uniform random start offsets
 drawn from ``np.random.default_rng(seed)`` (``calib_windows``).

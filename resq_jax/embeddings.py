@@ -1,6 +1,6 @@
 """Quantized embedding tables: the token embeddings and the lm_head in 8 or 4 bits.
 
-ResQ and the papers keep both in 16 bits (REFERENCE.md section 3), which dominates the size of a
+ResQ and the papers keep both in 16 bits (docs/algorithms.md, What stays in float), which dominates the size of a
 small model's checkpoint (SmolLM2: 21% of the parameters; Qwen2.5-0.5B, untied: 55%). This
 module is the optional alternative (``QuantConfig.embed_bits`` < 16), applied by the fake-quant
 pipeline and stored by the packed runtime, so the perplexity a user reads is the stored model's.
@@ -14,8 +14,8 @@ max is shrunk by the factor of least squared error per group. Default groups: 64
 <= 4 bits, the whole row above.
 
 Tied models. A model with tied embeddings that gets its norms folded and its residual stream
-rotated (ResQ, QuaRot) has ``lm_head = U^T diag(g) E^T`` and ``embed = E U`` (REFERENCE.md 1,
-steps 1, 2, 6): both are functions of the one rotated table ``T = E U``, since
+rotated (ResQ, QuaRot) has ``lm_head = U^T diag(g) E^T`` and ``embed = E U`` (docs/algorithms.md,
+Norm folding and fusion): both are functions of the one rotated table ``T = E U``, since
 ``lm_head = U^T diag(g) U T^T``. The quantized model therefore keeps one table, Q(T), and the
 head ``M Q(T)^T`` with ``M = U^T diag(g) U`` ([d, d], computed from U rounded to float32 and
 the final-norm gain g, in float64): one table stored instead of two, as in the float model.

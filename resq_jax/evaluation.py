@@ -1,6 +1,6 @@
 """Perplexity and greedy generation with jitted, layer-streamed forward passes.
 
-Perplexity protocol (DESIGN.md): the text is tokenized once without BOS, cut into the first
+Perplexity protocol (docs/reproducing.md, Evaluation protocol): the text is tokenized once without BOS, cut into the first
 N non-overlapping windows of L tokens; ppl = exp(mean over windows of the mean next-token
 cross-entropy of the window), computed in float32.
 """

@@ -1,5 +1,5 @@
 """Fake quantization of a decoder: activation/KV quantizers at the sites, weights quantized
-then dequantized in place (REFERENCE.md section 3).
+then dequantized in place (docs/algorithms.md, Quantizers).
 
 Layouts (the high-precision channels always sit at the end of their group, which is where
 the ResQ projections put the high-variance subspace):

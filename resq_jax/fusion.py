@@ -1,4 +1,4 @@
-"""Function-preserving weight transforms (REFERENCE.md section 1, steps 1, 2 and 6).
+"""Function-preserving weight transforms (docs/algorithms.md, Norm folding and fusion).
 
 Every function takes a weights dict (naming contract in models/config.py, linear weights
 [d_in, d_out]) and returns a new one; inputs are never modified. Arithmetic in float64, the

@@ -1,4 +1,4 @@
-"""GPTQ: error-compensating weight quantization with fixed per-block scales (REFERENCE.md s. 4).
+"""GPTQ: error-compensating weight quantization with fixed per-block scales (docs/algorithms.md, GPTQ).
 
 Conventions
 - Weights ``w: [d_in, d_out]`` (a linear is ``x @ w``): GPTQ's "columns" of the HF

@@ -1,4 +1,4 @@
-"""LQER and L2QER: low-rank correction of the weight quantization error (REFERENCE.md section 6).
+"""LQER and L2QER: low-rank correction of the weight quantization error (docs/algorithms.md, LQER and L2QER).
 
 A linear ``y = x @ W`` (``W: [d_in, d_out]``) runs as
 

@@ -1,4 +1,4 @@
-"""Recipes: every method is a configuration of the same stages (DESIGN.md data flow).
+"""Recipes: every method is a configuration of the same stages (docs/architecture.md, Pipeline).
 
   none    the float model
   rtn     no rotation; round-to-nearest weights, per-token activations, per-head KV
@@ -9,7 +9,7 @@
           per layer, online), each followed by random rotations inside the low and high
           subspaces; Hadamard on the down_proj input; the high 1/8 of channels in 8 bits
   mxint   LQER's baseline: MXINT weights (w_bits 4) and activations (a_bits 8), no correction
-  lqer    mxint + a rank-k correction A B of the weight error from its SVD (REFERENCE.md 6)
+  lqer    mxint + a rank-k correction A B of the weight error from its SVD (docs/algorithms.md, LQER and L2QER)
   l2qer   lqer with the error scaled by the calibration activation magnitudes before the SVD
   resq+l2qer
           ResQ (projections, integer quantizers, GPTQ weights) plus an L2QER correction of the
@@ -51,7 +51,7 @@ class Recipe:
     quantize: bool = True
     weight_quantizer: str = "rtn"  # default weight quantizer of the recipe
     lowrank: str = "none"  # "none" | "lqer" | "l2qer": low-rank correction of the weight error
-    formats: str = "int"  # "int" (integer quantizers, REFERENCE.md 3) | "mxint" (REFERENCE.md 6)
+    formats: str = "int"  # "int" (docs/algorithms.md, Quantizers) | "mxint" (docs/algorithms.md, MXINT)
     default_a_bits: int = 4
     default_kv_bits: int = 4
 
@@ -294,7 +294,7 @@ def weight_spec(config: ModelConfig, qc: QuantConfig) -> WeightSpec:
 
 
 def resq_transforms(config: ModelConfig, stats: CalibrationStats, fraction: float, seed: int) -> Transforms:
-    """ResQ's bases from calibration statistics (REFERENCE.md section 1, steps 4-5)."""
+    """ResQ's bases from calibration statistics (docs/algorithms.md, The bases U_A, U_B, U_C and U_D)."""
     d, hd, n_layers = config.hidden_size, config.head_dim, config.num_layers
     h_res = (stats.attn.sum(0) + stats.mlp.sum(0)) / (2 * n_layers * stats.tokens)
     _, u_a = damped_eigh(h_res)

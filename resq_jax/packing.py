@@ -1,4 +1,4 @@
-"""Packed integer storage (DESIGN.md "Packed format", REFERENCE.md section 8).
+"""Packed integer storage (docs/formats.md, Int4 packing; docs/algorithms.md, Integer runtime arithmetic).
 
 int4 values are stored two per byte along one axis (the contraction axis of the product they
 enter): byte j holds element 2j in its low nibble and element 2j+1 in its high nibble, each

@@ -1,8 +1,8 @@
 """Projections: Hadamard matrices of any LLM size, the fast Walsh-Hadamard transform,
 random orthogonal rotations and the PCA helpers used by ResQ / QuaRot.
 
-Hadamard of size n (REFERENCE.md section 2)
--------------------------------------------
+Hadamard of size n (docs/algorithms.md, Hadamard sizes)
+-------------------------------------------------------
 ``n = K * 2^m`` and ``H_n = (H_K ⊗ H_{2^m}) / sqrt(n)`` with the K index slowest
 (``np.kron(H_K, H_2m)``). ``H_{2^m}`` is Sylvester's matrix in natural order
 (``H_2 = [[1, 1], [1, -1]]``, ``H_{2^{m+1}} = kron(H_2, H_{2^m})``, so

@@ -3,7 +3,7 @@
 Every quantizer comes as a ``quantize_*`` / ``dequantize_*`` pair over integer codes (so the
 packed runtime and the kernels can reuse the exact same numerics) and a ``fake_quant_*``
 function that is ``dequantize(quantize(x))`` computed in float32 and returned in ``x``'s dtype.
-REFERENCE.md sections 3 (integer quantizers) and 6 (MXINT) define the numerics.
+docs/algorithms.md, Quantizers (integer quantizers and MXINT), defines the numerics.
 
 Conventions
 - Bit widths, group sizes, block sizes and axes are static Python ints; the functions are pure
@@ -45,7 +45,7 @@ __all__ = [
 
 OFF_BITS = 16  # bits >= OFF_BITS: the tensor / block is left unquantized
 MXINT_WIDTHS = (4, 6, 8)
-# MSE clip search (REFERENCE.md section 3): p = 1 - i / GRID for i in range(STEPS), error norm 2.4.
+# MSE clip search (docs/algorithms.md, MSE clip search): p = 1 - i / GRID for i in range(STEPS), error norm 2.4.
 CLIP_SEARCH_STEPS = 80
 CLIP_SEARCH_GRID = 100
 CLIP_SEARCH_NORM = 2.4
@@ -449,7 +449,7 @@ def fake_quant_sym_tensor(w: jax.Array, bits: int = 8) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. MXINT block floating point (REFERENCE.md section 6)
+# 5. MXINT block floating point (docs/algorithms.md, MXINT)
 # ----------------------------------------------------------------------------------------------
 @_pytree_dataclass
 class MXCodes:

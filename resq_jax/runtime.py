@@ -1,4 +1,4 @@
-"""Packed-integer inference: the quantized model made real (REFERENCE.md sections 3 and 8).
+"""Packed-integer inference: the quantized model made real (docs/algorithms.md: Quantizers, Integer runtime arithmetic).
 
 ``pack_model(qm)`` turns a fake-quant ``methods.QuantizedModel`` into a ``PackedModel`` (integer
 weight codes packed, scales, column sums); ``packed_decoder(pm)`` builds the ordinary
@@ -663,8 +663,8 @@ def embedding_codes(arrays: Mapping[str, np.ndarray], embedding: Mapping):
 def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
     """A fake-quant methods.QuantizedModel -> PackedModel (integer recipes, weights quantized,
     integer activations; see PackError). Quantized embeddings (QuantConfig.embed_bits < 16) are
-    stored as their codes (embedding_arrays); float ones in ``embed_dtype`` (16 bits, REFERENCE.md
-    section 3; np.float32 keeps the fake path's values exactly)."""
+    stored as their codes (embedding_arrays); float ones in ``embed_dtype`` (16 bits, docs/algorithms.md,
+    What stays in float; np.float32 keeps the fake path's values exactly)."""
     spec = _check_packable(qm)
     config, w = qm.config, qm.weights
     layouts = _layouts(config, spec, qm.codes)
@@ -739,7 +739,7 @@ def integer_decoder(qm, impl: str = "auto") -> tuple[Decoder, PackedHooks] | Non
     The integer products here are exact and the float epilogue is the packed runtime's (``impl``
     as in packed_decoder: "auto" picks what the packed runtime runs on this platform; on CPU
     "jnp" and "f32" give the same integers, hence identical outputs), and the model is the one
-    pack_model stores (embeddings and lm_head in float16, REFERENCE.md section 3, or the
+    pack_model stores (embeddings and lm_head in float16, docs/algorithms.md, What stays in float, or the
     quantized tables of ``embed_bits`` < 16), so the perplexity is the packed checkpoint's."""
     pm, _ = try_pack(qm)
     return None if pm is None else (packed_decoder(pm, impl), pm.hooks)

@@ -1,6 +1,6 @@
 """Weight quantization of every decoder linear: RTN, or GPTQ with streamed Hessians.
 
-GPTQ (REFERENCE.md section 4) streams the model layer by layer over calibration windows.
+GPTQ (docs/algorithms.md, GPTQ) streams the model layer by layer over calibration windows.
 Inside a layer each linear's Hessian comes from the inputs produced by the already
 quantized earlier parts of the layer, in the order [q, k, v] -> [o] -> [gate, up] -> [down];
 the next layer is fed the outputs of the fully quantized layer. Activations stay in float

@@ -35,7 +35,7 @@ def test_wiki_text_is_large_clean_and_wikitext_style(wiki, capsys):
     stats = data.text_stats(wiki)
     with capsys.disabled():
         print(f"\n[wiki] {stats}")
-    # DATA.md: 103 articles, ~460k words before filtering (>= 200 words, markup, references ...)
+    # docs/reproducing.md, Data sources: 103 articles, ~460k words before filtering (>= 200 words, markup, references ...)
     assert 90 <= stats["articles"] <= 103
     assert 380_000 <= stats["words"] <= 470_000
     assert stats["chars"] > 2_000_000
@@ -106,7 +106,7 @@ def test_news_has_300_articles(capsys):
     with capsys.disabled():
         print(f"\n[news] chars {len(news.text)} words {len(news.text.split())} articles {len(articles)}")
     assert news.name == "news"
-    # DATA.md says 299 (the file has 299 newlines); the last line has no newline: 300 articles
+    # docs/reproducing.md, Data sources: the file has 299 newlines; the last line has none: 300 articles
     assert len(articles) == 300
     assert all(a and a == a.strip() and "\n" not in a for a in articles)
     assert articles[0].startswith("Hundreds of people have been forced to vacate their homes")

@@ -16,7 +16,7 @@ from resq_jax.gptq import (GPTQDampingWarning, GPTQError, gptq_error, gptq_quant
 from resq_jax.quantizers import dequantize_weight, fake_quant_weight, weight_scales
 
 # ----------------------------------------------------------------------------------------------
-# independent float64 reference, written from the algorithm (REFERENCE.md section 4)
+# independent float64 reference, written from the algorithm (docs/algorithms.md, GPTQ)
 # ----------------------------------------------------------------------------------------------
 EPS32 = 2.0 ** -24  # float32 unit roundoff
 # Rounding-tie window of the reference (``tie_hint``): a row's code may differ between the

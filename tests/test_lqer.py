@@ -213,7 +213,7 @@ def test_quantized_weights_dict(tiny):
             w = m.weights[key]
             np.testing.assert_array_equal(out[key], np.asarray(fake_quant_mxint(jnp.asarray(w), 4, 16, 0)))
             site = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in",
-                    "down": "down_in"}[name]  # REFERENCE.md section 6: each linear's own input
+                    "down": "down_in"}[name]  # docs/algorithms.md, LQER and L2QER: each linear's own input
             s = l2qer_scale(stats.abs_mean[site][i])
             a_q, b_q = correct_linear(w, out[key], 16, s, 8)
             np.testing.assert_array_equal(out[key + "_lr_a"], a_q)

@@ -10,7 +10,7 @@ import scipy.linalg
 
 from resq_jax import projections as P
 
-# K values from REFERENCE.md section 2 (plus powers of two), and the extra orders our size rule uses.
+# K values from docs/algorithms.md, Constructions (plus powers of two), and the extra orders our size rule uses.
 TABLE_K = [1, 2, 4, 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172]
 EXTRA_K = [76, 148, 292, 344, 476, 924]
 EXPECTED_CONSTRUCTION = {
@@ -32,7 +32,7 @@ EXPECTED_CONSTRUCTION = {
     924: "Paley II, q=461",
 }
 
-# n -> (K, m, true Hadamard?) for the sizes of the target models (REFERENCE.md section 2).
+# n -> (K, m, true Hadamard?) for the sizes of the target models (docs/algorithms.md, Hadamard sizes).
 SIZES = {
     576: (36, 4, True),
     896: (28, 5, True),

@@ -84,7 +84,7 @@ def test_asym_round_half_to_even_ties():
 
 
 def _torch_asym_reference(x, bits):
-    """Independent float32 reference of REFERENCE.md section 3 (activations)."""
+    """Independent float32 reference of docs/algorithms.md, Quantizers (activations)."""
     x = torch.from_numpy(x)
     maxq = 2**bits - 1
     xmin = torch.clamp(x.min(-1, keepdim=True).values, max=0)
@@ -411,7 +411,7 @@ def test_mxint_exponent_clip_at_128_without_overflow():
 
 
 def _np_mxint(x, width, block=16):
-    """Independent float64 NumPy reference of REFERENCE.md section 6 along the last axis."""
+    """Independent float64 NumPy reference of docs/algorithms.md, MXINT, along the last axis."""
     x = np.asarray(x, np.float64)
     xb = x.reshape(*x.shape[:-1], -1, block)
     m = np.abs(xb).max(-1, keepdims=True)

@@ -3,7 +3,7 @@
 ``hadamard(x)`` computes ``x @ hadamard_matrix(n).T`` on the last axis (``y_i = sum_j H[i, j] x_j``),
 ``hadamard(x, transpose=True)`` computes ``x @ hadamard_matrix(n)`` (the inverse), with
 ``n = K * 2^m``, ``H_n = (H_K ⊗ H_{2^m}) / sqrt(n)`` and ``(K, H_K, m) =``
-:func:`resq_jax.projections.hadamard_factor` (REFERENCE.md section 2). The numerics are those of
+:func:`resq_jax.projections.hadamard_factor` (docs/algorithms.md, Hadamard sizes). The numerics are those of
 :func:`resq_jax.projections.hadamard_transform` (the jnp reference): float32 accumulation for
 float32 / bfloat16 / float16 inputs, the Sylvester butterflies, then the K x K product with H_K
 (passed to the kernel as a float32 constant operand, so substitutes for sizes with no Hadamard

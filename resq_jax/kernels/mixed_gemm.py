@@ -1,4 +1,4 @@
-"""Packed mixed-precision activations and the int4/int8 GEMM (REFERENCE.md section 8).
+"""Packed mixed-precision activations and the int4/int8 GEMM (docs/algorithms.md, Integer runtime arithmetic).
 
 A ResQ linear ``y = x @ w + bias`` with ``x: [tokens, K]`` and ``w: [K, N]`` is split along K in a
 low block (the first ``K - r`` channels / input rows, 4 bits) and a high block (the last ``r``,
