@@ -57,25 +57,90 @@ def test_chunked_nll_equals_full_logsumexp(vocab, chunk):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_streamer_from_weights_builds_layers_lazily_and_equals_the_model(tmp_path):
+def _layer_fingerprints(weights):
+    """(shape, dtype, content digest) of every array of layer i -> i, and each layer's bytes."""
+    import hashlib
+
+    owner, nbytes = {}, {}
+    for name, w in weights.items():
+        if name.startswith("layers.") and isinstance(w, np.ndarray) and w.size > 1:
+            i = int(name.split(".")[1])
+            a = np.ascontiguousarray(w)
+            key = (a.shape, a.dtype.str, hashlib.sha1(a.tobytes()).hexdigest())
+            assert key not in owner, f"{name} has the same content as another layer array"
+            owner[key] = i
+            nbytes[i] = nbytes.get(i, 0) + a.nbytes
+    return owner, nbytes
+
+
+def _live_layer_bytes(owner) -> dict[int, int]:
+    """Device bytes of layer weights among jax.live_arrays(), per layer (arrays identified by
+    content: a layer's weights are put on the device unchanged, float32 -> float32). No
+    gc.collect(): a used layer must be freed by reference counting, not wait for the collector."""
+    import hashlib
+
+    shapes = {(k[0], k[1]) for k in owner}
+    live = {}
+    for a in jax.live_arrays():
+        if a.is_deleted() or (a.shape, a.dtype.str) not in shapes:
+            continue
+        h = np.ascontiguousarray(np.asarray(a))
+        i = owner.get((h.shape, h.dtype.str, hashlib.sha1(h.tobytes()).hexdigest()))
+        if i is not None:
+            live[i] = live.get(i, 0) + a.nbytes
+    return live
+
+
+def test_streamer_from_weights_builds_layers_lazily_and_equals_the_model(tmp_path, monkeypatch):
     """LayerStreamer.from_weights (one layer on the device at a time) = LayerStreamer(Decoder):
-    the same logits and nll, bit for bit; calibration statistics through it are identical."""
+    the same logits and nll, bit for bit; calibration statistics through it are identical.
+
+    "One layer at a time" is checked on the device's live arrays (jax.live_arrays(), layer
+    weights recognised by content, counted in bytes): none of the layer weights is on the device
+    after from_weights returns; while layer i runs (a spy on models.runner.layer_apply) the
+    live layer-weight bytes are exactly layer i's (the embeddings / head are not layer arrays);
+    after the forward none is left. A streamer that built every layer up front fails the first
+    check, one that kept the layers it had built the second. The seed is one no other test
+    uses, so another test's model cannot share the fingerprints."""
     from hf_fixtures import build_torch_model, tiny_qwen2_config
+    from models import runner
     from models.decoder import from_weights
     from models.loaders import load_model
     from models.runner import LayerStreamer
     from resq_jax.calibration import calibrate
 
-    build_torch_model(tiny_qwen2_config(tied=False)).save_pretrained(tmp_path)
+    build_torch_model(tiny_qwen2_config(tied=False), seed=17).save_pretrained(tmp_path)
     m = load_model(str(tmp_path), with_tokenizer=False)
+    n = m.config.num_layers
+    owner, layer_bytes = _layer_fingerprints(m.weights)
+    assert sorted(layer_bytes) == list(range(n))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 40)))
-    eager, lazy = LayerStreamer(from_weights(m.config, m.weights)), LayerStreamer.from_weights(m.config, m.weights)
-    assert len(lazy.layers) == m.config.num_layers
-    np.testing.assert_array_equal(np.asarray(lazy.logits(tokens)), np.asarray(eager.logits(tokens)))
-    np.testing.assert_array_equal(np.asarray(lazy.nll(tokens)), np.asarray(eager.nll(tokens)))
+
+    assert _live_layer_bytes(owner) == {}, "layer weights on the device before the streamer exists"
+    lazy = LayerStreamer.from_weights(m.config, m.weights)
+    assert len(lazy.layers) == n
+    assert _live_layer_bytes(owner) == {}, "from_weights put layer weights on the device up front"
+    during, real_apply = [], runner.layer_apply
+
+    def spy(graphdef, state, x, *args, **kw):
+        during.append(_live_layer_bytes(owner))
+        return real_apply(graphdef, state, x, *args, **kw)
+
+    monkeypatch.setattr(runner, "layer_apply", spy)
+    lazy_logits = np.asarray(lazy.logits(tokens))
+    lazy_nll = np.asarray(lazy.nll(tokens))
+    monkeypatch.setattr(runner, "layer_apply", real_apply)
+    print("live layer-weight bytes while each layer ran:", during, "layer bytes:", layer_bytes)
+    assert during == [{i: layer_bytes[i]} for i in range(n)] * 2, (during, layer_bytes)
+    assert _live_layer_bytes(owner) == {}, "layer weights left on the device after the forward"
+
+    eager = LayerStreamer(from_weights(m.config, m.weights))
+    assert _live_layer_bytes(owner) == layer_bytes  # the check sees a model built up front
+    np.testing.assert_array_equal(lazy_logits, np.asarray(eager.logits(tokens)))
+    np.testing.assert_array_equal(lazy_nll, np.asarray(eager.nll(tokens)))
     a = calibrate(from_weights(m.config, m.weights), np.asarray(tokens), progress=False)
     b = calibrate(lazy, np.asarray(tokens), progress=False)
     for f in ("attn", "mlp", "value", "key"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     with pytest.raises(IndexError):
-        lazy.layers[m.config.num_layers]
+        lazy.layers[n]

@@ -155,8 +155,9 @@ def test_derived_head_tracks_the_float_head(llama):
 
 
 def test_float_method_refuses_embed_bits(llama):
+    calib = np.random.default_rng(0).integers(0, llama.config.vocab_size, (8, 32))
     with pytest.raises(QuantConfigError, match="leaves the model in float"):
-        _quantize(llama, "none", embed_bits=4)
+        quantize_model(llama.config, llama.weights, QuantConfig(method="none", embed_bits=4), calib, progress=False)
 
 
 def test_smollm2_checkpoint_ratio_at_4_bit_embeddings(tmp_path):

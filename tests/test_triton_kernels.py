@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from resq_jax import packing, quantizers
 from resq_jax.kernels import mixed_gemm as mg
@@ -262,6 +263,100 @@ def test_runtime_packed_linear_runs_the_triton_kernels(interpreted):
     for g in interpreted["packed_linear"]:
         assert g["ok"] and g["max_over_mag"] <= 64 * EPS32, g
         assert g["shape"][0] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the real jax_triton.triton_call under jax.jit (an NVIDIA GPU with a GPU jaxlib only)
+# ----------------------------------------------------------------------------------------------
+TRITON_CUSTOM_CALL = "triton_kernel_call"  # the XLA custom call jax_triton.triton_call lowers to
+REAL_TRITON_CASES = selfcheck.QUICK_CASES + (selfcheck.CASES[4], selfcheck.CASES[6])  # + K = 576, 896
+
+
+def real_triton_call_unavailable() -> str | None:
+    """Why the real jax_triton path cannot run in this process, or None when it can."""
+    why = []
+    if jax.default_backend() != "gpu":
+        why.append(f"JAX's default backend is {jax.default_backend()!r}, not a GPU")
+    try:
+        import jax_triton  # noqa: F401
+    except Exception as e:  # not installed, or (on a CPU jaxlib) "requires JAX ... with GPU support"
+        why.append(f"import jax_triton fails ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not why:
+        return None
+    return ("jax_triton.triton_call needs a CUDA GPU and a GPU jaxlib (jax_triton imports only "
+            "when jaxlib has its CUDA triton plugin); here " + "; ".join(why) + ". What runs "
+            "instead on this machine: the same Triton kernels under Triton's interpreter "
+            "(test_interpreted_kernels_match_reference), and the JAX launchers and "
+            "PackedLinear(impl='triton') eagerly with a torch stand-in for triton_call "
+            "(test_jax_launchers_with_stand_in, test_runtime_packed_linear_runs_the_triton_kernels)")
+
+
+@pytest.mark.parametrize("case", REAL_TRITON_CASES, ids=lambda c: c.name)
+def test_real_triton_call_under_jit(case):
+    """The launchers (jax_ops) through the real jax_triton.triton_call, compiled by jax.jit:
+    the lowered program holds the triton_kernel_call custom call (not the jnp path), the codes
+    and int32 accumulators equal the jnp reference exactly, the float32 / bfloat16 outputs are
+    within the interpreter checks' tolerances (selfcheck.tolerances), and
+    resq_jax.runtime.PackedLinear(impl="triton") under jit equals its impl="jnp" twin. Skipped,
+    with the reason, where jax_triton cannot run (any machine without a CUDA GPU)."""
+    reason = real_triton_call_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from resq_jax import runtime
+    from resq_jax.kernels.triton import jax_ops
+
+    r = case.r
+    x, w, bias = selfcheck.make_inputs(case)
+    x = x.reshape(1, *x.shape)  # a leading batch axis, as the decoder's [B, T, K]
+    codes = quantizers.quantize_weight_sym(w, 4, 8, r)
+    pw = mg.pack_weights(codes, bias)
+    quantize = jax.jit(lambda a: mg.quantize_pack(a, r, impl="triton"))
+    assert TRITON_CUSTOM_CALL in quantize.lower(x).as_text(), "jit did not lower to jax_triton's custom call"
+    got_x, ref_x = quantize(x), mg.quantize_pack(x, r, impl="jnp")
+    assert jax.tree_util.tree_structure(got_x) == jax.tree_util.tree_structure(ref_x)
+    for a, b in zip(jax.tree_util.tree_leaves(got_x), jax.tree_util.tree_leaves(ref_x)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    acc_fn = jax.jit(lambda px: jax_ops.int_accumulators(px, pw))
+    assert TRITON_CUSTOM_CALL in acc_fn.lower(ref_x).as_text()
+    acc4, acc8 = acc_fn(ref_x)
+    ref4, ref8 = mg.int_accumulators(ref_x, pw)
+    np.testing.assert_array_equal(np.asarray(acc4), np.asarray(ref4))
+    assert (acc8 is None) == (ref8 is None) == (r == 0)
+    if r:
+        np.testing.assert_array_equal(np.asarray(acc8), np.asarray(ref8))
+
+    flat = {n: None if getattr(ref_x, n) is None else np.asarray(getattr(ref_x, n)).reshape(
+        -1, *np.shape(getattr(ref_x, n))[2:]) for n in ("q4", "scale4", "zero4", "q8", "scale8", "zero8")}
+    pwd = {n: None if getattr(pw, n) is None else np.asarray(getattr(pw, n))
+           for n in ("w4", "scale4", "colsum4", "w8", "scale8", "colsum8", "bias")}
+    mag = selfcheck._terms_magnitude(flat, pwd, np.asarray(ref4), None if ref8 is None else np.asarray(ref8))
+    for dt, tol in zip((jnp.float32, jnp.bfloat16), selfcheck.tolerances(mag)):
+        gemm = jax.jit(lambda px, dt=dt: mg.mixed_gemm(px, pw, impl="triton", out_dtype=dt))
+        assert TRITON_CUSTOM_CALL in gemm.lower(ref_x).as_text()
+        y, y_ref = gemm(ref_x), mg.mixed_gemm(ref_x, pw, impl="jnp", out_dtype=dt)
+        assert y.shape == y_ref.shape == (1, case.m, case.n) and y.dtype == y_ref.dtype
+        d = np.abs(np.asarray(y, np.float64) - np.asarray(y_ref, np.float64))[0]
+        assert np.all(d <= tol), (jnp.dtype(dt).name, float(d.max()), float((d / (mag + 1e-30)).max()))
+
+    k, n = w.shape
+    lay = runtime.LinearLayout(d_in=k, d_out=n, groups=1, low_rows=k - r, high_rows=r, w_low_bits=4, w_high_bits=8,
+                               act=runtime.ActQuant(4, 8, r))
+    arrays = {} if bias is None else {"bias": np.asarray(bias, np.float32)}
+    for b, q, scale in (("low", codes.q_low, codes.scale_low), ("high", codes.q_high, codes.scale_high)):
+        if lay.rows(b):
+            arrays.update({f"w_{b}": runtime.pack_block_np(np.asarray(q, np.int8)[None], lay.bits(b)),
+                           f"scale_{b}": np.asarray(scale[0])})
+    tri, ref = (runtime.PackedLinear(lay, arrays, impl) for impl in ("triton", "jnp"))
+    assert tri.triton_applies()
+    xx = jnp.concatenate([x, x[:, ::-1]]).astype(jnp.float32)  # [2, M, K]
+    graphdef, state = nnx.split(tri)
+    linear = jax.jit(lambda st, a: nnx.merge(graphdef, st)(a))
+    assert TRITON_CUSTOM_CALL in linear.lower(state, xx).as_text()
+    y, y_ref = np.asarray(linear(state, xx)), np.asarray(ref(xx))
+    assert y.shape == y_ref.shape == (2, case.m, n)
+    assert np.abs(y - y_ref).max() <= 64 * EPS32 * np.abs(y_ref).max()
 
 
 # ----------------------------------------------------------------------------------------------
