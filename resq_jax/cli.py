@@ -138,8 +138,10 @@ def _describe(method: str, cfg: dict) -> str:
             text += f" hi={cfg['high_fraction']:g}@{cfg['high_bits']}b"
         text += f" {cfg['weight_quantizer']}" + ("+clip" if cfg.get("clip_search") else "")
         if cfg["weight_quantizer"] == "gptq":
+            from resq_jax.gptq import DEFAULT_DAMP
+
             text += ("+act" if cfg.get("act_order") else "") + (
-                f" damp={cfg['damp']:g}" if cfg.get("damp", 0.01) != 0.01 else "")
+                f" damp={cfg['damp']:g}" if cfg.get("damp", DEFAULT_DAMP) != DEFAULT_DAMP else "")
     if cfg.get("rank"):
         text += f" r{cfg['rank']}"
     if not off(cfg.get("embed_bits")):

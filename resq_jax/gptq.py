@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 _F32 = jnp.float32
+DEFAULT_DAMP = 0.01  # relative to mean(diag H): GPTQ's and ResQ's damping
 DEFAULT_MAX_RETRIES = 4  # damping tried: damp, 10 damp, ..., 10^4 damp (times mean(diag H))
 
 
@@ -286,7 +287,7 @@ def _block_scales(w, start, rows, bits, group_size, clip_search):
 
 
 def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0,
-                  row_perm: np.ndarray | None = None, block_size: int = 128, damp: float = 0.01,
+                  row_perm: np.ndarray | None = None, block_size: int = 128, damp: float = DEFAULT_DAMP,
                   act_order: bool = False, clip_search: bool = False, group_size: int | None = None,
                   max_retries: int = DEFAULT_MAX_RETRIES) -> GPTQResult:
     """GPTQ of ``w: [d_in, d_out]`` with Hessian ``h: [d_in, d_in]`` (see the module docstring).

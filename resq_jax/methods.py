@@ -27,6 +27,7 @@ import numpy as np
 from models.config import ModelConfig
 from resq_jax import fusion
 from resq_jax.calibration import CalibrationStats, calibrate
+from resq_jax.gptq import DEFAULT_DAMP
 from resq_jax.fake_quant import OFF, ActivationSpec, FakeQuantHooks, WeightSpec, fake_quantize_key_rotation
 from resq_jax.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
 from resq_jax.lqer import int_lowrank_codes, lqer_quantize_weights
@@ -85,7 +86,6 @@ LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 # and silently dropped is a wrong result nobody notices); the CLI passes each flag to the methods it
 # applies to and refuses a flag that none of the requested methods uses.
 SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size")
-DEFAULT_DAMP = 0.01
 DEFAULT_ACT_ORDER = False
 
 

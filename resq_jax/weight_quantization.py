@@ -24,6 +24,7 @@ from models.config import ModelConfig
 from models.decoder import IDENTITY, site_recorder
 from models.precision import EXACT
 from models.runner import LayerStreamer
+from resq_jax.gptq import DEFAULT_DAMP
 from resq_jax.fake_quant import LINEARS, OFF, WeightSpec, linear_high_rows
 from resq_jax.quantizers import WeightCodes, dequantize_weight, quantize_weight_sym
 
@@ -173,7 +174,7 @@ def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: n
 
 
 def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
-                       spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, damp: float = 0.01,
+                       spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, damp: float = DEFAULT_DAMP,
                        progress: bool = True,
                        timings: dict | None = None) -> QuantizedWeights:
     """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]; the codes
