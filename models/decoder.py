@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import ModelConfig
-from models.precision import EXACT
-from models.rope import apply_rope, inverse_frequencies, rope_tables
+from resq_jax.models.config import ModelConfig
+from resq_jax.util.precision import EXACT
+from resq_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 SITES = ("attn_in", "q_rope", "k_rope", "q", "k", "v", "o_in", "mlp_in", "down_in")
 
@@ -60,7 +60,7 @@ class Online(nnx.Variable):
     """An online transform matrix held by the model (not a trainable weight)."""
 
 
-def _param(a) -> nnx.Param:
+def as_param(a) -> nnx.Param:
     return nnx.Param(jnp.asarray(a))
 
 
@@ -71,10 +71,10 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, w, b=None, lr_a=None, lr_b=None):
-        self.w = _param(w)
-        self.b = nnx.data(None if b is None else _param(b))
-        self.lr_a = nnx.data(None if lr_a is None else _param(lr_a))
-        self.lr_b = nnx.data(None if lr_b is None else _param(lr_b))
+        self.w = as_param(w)
+        self.b = nnx.data(None if b is None else as_param(b))
+        self.lr_a = nnx.data(None if lr_a is None else as_param(lr_a))
+        self.lr_b = nnx.data(None if lr_b is None else as_param(lr_b))
 
     def __call__(self, x, hooks: "SiteHooks" = None):
         y = jnp.einsum("...i,io->...o", x, self.w[...].astype(x.dtype), precision=EXACT)
@@ -197,9 +197,9 @@ class DecoderLayer(nnx.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.eps = config.rms_eps
-        self.attn_norm = _param(weights[p + "attn_norm"])
+        self.attn_norm = as_param(weights[p + "attn_norm"])
         self.q, self.k, self.v, self.o = (_linear(weights, p, n) for n in ("q", "k", "v", "o"))
-        self.mlp_norm = _param(weights[p + "mlp_norm"])
+        self.mlp_norm = as_param(weights[p + "mlp_norm"])
         self.gate, self.up, self.down = (_linear(weights, p, n) for n in ("gate", "up", "down"))
         rot = get("key_rotation")
         self.key_rotation = nnx.data(None if rot is None else Online(jnp.asarray(rot)))
@@ -312,13 +312,13 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, Any]):
         self.config = config
-        self.embed = _param(weights["embed"])
+        self.embed = as_param(weights["embed"])
         self.layers = nnx.List([DecoderLayer(config, weights, i) for i in range(config.num_layers)])
-        self.norm = _param(weights["norm"])
+        self.norm = as_param(weights["norm"])
         head = weights.get("lm_head")
         if head is None and not config.tie_word_embeddings:
             raise ValueError("weights have no 'lm_head' but the config says embeddings are not tied")
-        self.lm_head = nnx.data(None if head is None else _param(head))
+        self.lm_head = nnx.data(None if head is None else as_param(head))
         self.inv_freq = jnp.asarray(inverse_frequencies(config))
 
     def embed_tokens(self, tokens):

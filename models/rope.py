@@ -6,7 +6,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
+from resq_jax.models.config import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:

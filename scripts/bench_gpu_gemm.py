@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from resq_jax import quantizers  # noqa: E402
-from resq_jax.kernels import mixed_gemm as mg  # noqa: E402
+from resq_jax.formats.integer import quantize_weight_sym
+from resq_jax.kernels.gemm_reference import pack_weights
+from resq_jax.kernels.mixed_gemm import mixed_gemm, quantize_pack, triton_available
 
 # SmolLM2-135M (576 / 1536) and Qwen2-0.5B (896 / 4864) projections: K x N
 DEFAULT_SHAPES = ("576x576", "576x1536", "1536x576", "896x896", "896x4864", "4864x896")
@@ -63,19 +63,19 @@ def bench_one(m: int, k: int, n: int, frac: float, iters: int, seed: int = 0) ->
     r = _high(k, frac)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
-    pw = mg.pack_weights(quantizers.quantize_weight_sym(w, 4, 8, r), jnp.zeros((n,), jnp.float32))
-    px = jax.block_until_ready(mg.quantize_pack(x, r, impl="triton"))
-    px_ref = mg.quantize_pack(x, r, impl="jnp")
+    pw = pack_weights(quantize_weight_sym(w, 4, 8, r), jnp.zeros((n,), jnp.float32))
+    px = jax.block_until_ready(quantize_pack(x, r, impl="triton"))
+    px_ref = quantize_pack(x, r, impl="jnp")
     codes_equal = jax.tree_util.tree_all(jax.tree_util.tree_map(
         lambda a, b: bool(jnp.array_equal(a, b)), px, px_ref))
 
-    gemm = jax.jit(lambda px, pw: mg.mixed_gemm(px, pw, impl="triton"))
-    linear = jax.jit(lambda x, pw: mg.mixed_gemm(mg.quantize_pack(x, r, impl="triton"), pw,
+    gemm = jax.jit(lambda px, pw: mixed_gemm(px, pw, impl="triton"))
+    linear = jax.jit(lambda x, pw: mixed_gemm(quantize_pack(x, r, impl="triton"), pw,
                                                  impl="triton"))
     dense = jax.jit(lambda x, w: x @ w)
     w16 = w.astype(jnp.bfloat16)
     y = gemm(px_ref, pw).astype(jnp.float32)
-    y_ref = mg.mixed_gemm(px_ref, pw, impl="jnp").astype(jnp.float32)
+    y_ref = mixed_gemm(px_ref, pw, impl="jnp").astype(jnp.float32)
     t_gemm = _time(gemm, px, pw, iters=iters)
     t_linear = _time(linear, x, pw, iters=iters)
     t_dense = _time(dense, x, w16, iters=iters)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     backend = jax.default_backend()
-    if backend != "gpu" or not mg.triton_available():
+    if backend != "gpu" or not triton_available():
         why = (f"jax's default backend is {backend!r}" if backend != "gpu"
                else "jax_triton (pip install -e '.[gpu]') does not import")
         print(f"bench_gpu_gemm: no CUDA backend for the Triton kernels ({why}); nothing was "

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
-from models.decoder import from_weights
-from models.loaders import load_model
-from resq_jax.calibration import calibrate
+from resq_jax.models.decoder import from_weights
+from resq_jax.models.loaders import load_model
+from resq_jax.calibration.statistics import calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
-from models.decoder import from_weights
-from models.loaders import load_model
-from resq_jax.checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, load_packed, save_fake_quant,
-                                 save_packed)
-from resq_jax.methods import QuantConfig, quantize_model
-from resq_jax.runtime import pack_model, packed_decoder
+from resq_jax.models.decoder import from_weights
+from resq_jax.models.loaders import load_model
+from resq_jax.runtime.checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, load_packed,
+                                         save_fake_quant, save_packed)
+from resq_jax.pipeline.recipes import QuantConfig
+from resq_jax.pipeline.quantize import quantize_model
+from resq_jax.runtime.pack import pack_model, packed_decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -297,8 +298,8 @@ def test_smollm2_checkpoint_cli_round_trip_and_size(tmp_path):
     import jax
     from flax import nnx
 
-    from resq_jax.evaluation import generate_greedy
-    from resq_jax.runtime import init_packed_cache
+    from resq_jax.eval.generate import generate_greedy
+    from resq_jax.runtime.kv_cache import init_packed_cache
 
     out, prompt, n_new = tmp_path / "smol", "The capital of France is", 8
     run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, timeout=3000,  # noqa

@@ -75,9 +75,10 @@ def test_checkpoint_reproduces_the_reported_perplexity(quantized):
 
 
 def test_generation_is_the_checkpoints_greedy_continuation(quantized):
-    from resq_jax.checkpoint import load_checkpoint
-    from resq_jax.evaluation import generate_greedy
-    from resq_jax.runtime import init_packed_cache, packed_decoder
+    from resq_jax.runtime.checkpoint import load_checkpoint
+    from resq_jax.eval.generate import generate_greedy
+    from resq_jax.runtime.kv_cache import init_packed_cache
+    from resq_jax.runtime.pack import packed_decoder
 
     _, _, out, _ = quantized
     stdout = _run("evaluate.py", "--checkpoint", str(out), "--no-ppl", "--prompt", PROMPT, "--max-new-tokens", "8")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.decoder import causal_attention, causal_self_attention, chunked_nll
+from resq_jax.models.decoder import causal_attention, causal_self_attention, chunked_nll
 
 
 @pytest.mark.parametrize("t,block", [(300, 128), (128, 128), (7, 128), (64, 16), (50, 1)])
@@ -103,11 +103,11 @@ def test_streamer_from_weights_builds_layers_lazily_and_equals_the_model(tmp_pat
     check, one that kept the layers it had built the second. The seed is one no other test
     uses, so another test's model cannot share the fingerprints."""
     from hf_fixtures import build_torch_model, tiny_qwen2_config
-    from models import runner
-    from models.decoder import from_weights
-    from models.loaders import load_model
-    from models.runner import LayerStreamer
-    from resq_jax.calibration import calibrate
+    from resq_jax.models import streaming as runner
+    from resq_jax.models.decoder import from_weights
+    from resq_jax.models.loaders import load_model
+    from resq_jax.models.streaming import LayerStreamer
+    from resq_jax.calibration.statistics import calibrate
 
     build_torch_model(tiny_qwen2_config(tied=False), seed=17).save_pretrained(tmp_path)
     m = load_model(str(tmp_path), with_tokenizer=False)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
-from models.loaders import load_model
-from resq_jax.checkpoint import load_packed, save_packed
-from resq_jax.embeddings import EmbeddingConfigError, check_embed_settings, quantize_table, tied_head
-from resq_jax.methods import QuantConfig, QuantConfigError, quantize_model
-from resq_jax.projections import block_diag_rotation
-from resq_jax.runtime import pack_model, packed_decoder
+from resq_jax.models.loaders import load_model
+from resq_jax.runtime.checkpoint import load_packed, save_packed
+from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_table, tied_head
+from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
+from resq_jax.pipeline.quantize import quantize_model
+from resq_jax.transforms.orthogonal import block_diag_rotation
+from resq_jax.runtime.pack import pack_model, packed_decoder
 
 
 def _torch_reference(t: np.ndarray, bits: int, group: int):
@@ -163,7 +164,8 @@ def test_float_method_refuses_embed_bits(llama):
 def test_smollm2_checkpoint_ratio_at_4_bit_embeddings(tmp_path):
     """ResQ W4A4KV4 (RTN) with 4-bit embeddings: the packed checkpoint (projections included)
     against the float16 weights of SmolLM2 (134.5M parameters, one tied table)."""
-    from resq_jax.data import calib_windows, load_text, tokenize
+    from resq_jax.data.windows import calib_windows, tokenize
+    from resq_jax.data.texts import load_text
 
     m = load_model("smollm2")
     calib = calib_windows(tokenize(load_text("wiki-calib").text, m.tokenizer), 4, 64, seed=0)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import regex
 
-from models import loaders
-from models.gguf_tokenizer import (
-    PRE_TOKENIZER_SPLITS, GGUFTokenizerError, gguf_tokenizer_metadata, tokenizer_from_gguf_metadata)
-from resq_jax.data import builtin_text
+from resq_jax.models import loaders
+from resq_jax.models.gguf_tokenizer import (PRE_TOKENIZER_SPLITS, GGUFTokenizerError, gguf_tokenizer_metadata,
+                                            tokenizer_from_gguf_metadata)
+from resq_jax.data.texts import builtin_text
 
 MIXED = ("<|im_start|>user\nHi 😀👍🏽 🇺🇸 中文字符テスト 한국어 naïve café Ελληνικά\t\t  x = [1, 22, 333, 4444, 55555]\n\n\n"
          "   def f(a, b):\n\treturn a ** 2 + b  # it's 3.14159, they'll've\r\n\r\n<|im_end|><|endoftext|>"
@@ -124,7 +124,7 @@ def _llama_cpp_split(text: str, exprs: list[str]) -> list[str]:
 
 def _tiny_meta(pre: str, **extra):
     """A byte-level vocabulary of the 256 byte symbols and no merges: ids expose the pre-tokenization."""
-    from models.gguf_tokenizer import _byte_alphabet
+    from resq_jax.models.gguf_tokenizer import _byte_alphabet
 
     toks = [_byte_alphabet()[b] for b in range(256)] + ["<s>", "</s>"]
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": toks,
@@ -138,7 +138,7 @@ def test_supported_names_are_the_llama_cpp_ones():
 
 @pytest.mark.parametrize("pre", sorted(_LLAMA_CPP))
 def test_pre_tokenizer_matches_llama_cpp_regexes(pre):
-    from models.gguf_tokenizer import _byte_alphabet
+    from resq_jax.models.gguf_tokenizer import _byte_alphabet
 
     tok = tokenizer_from_gguf_metadata(_tiny_meta(pre))
     table = _byte_alphabet()
@@ -150,7 +150,7 @@ def test_pre_tokenizer_matches_llama_cpp_regexes(pre):
 
 
 def test_byte_alphabet_is_gpt2s():
-    from models.gguf_tokenizer import _byte_alphabet
+    from resq_jax.models.gguf_tokenizer import _byte_alphabet
 
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -168,7 +168,7 @@ def test_llama3_adds_bos_by_default_and_metadata_overrides():
 
 
 def test_bpe_merges_apply_in_rank_order():
-    from models.gguf_tokenizer import _byte_alphabet
+    from resq_jax.models.gguf_tokenizer import _byte_alphabet
 
     meta = _tiny_meta("gpt-2")
     meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + ["ab", "bc", "abc"]

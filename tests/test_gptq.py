@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resq_jax.gptq import (GPTQDampingWarning, GPTQError, gptq_error, gptq_quantize, gptq_sweep,
-                           head_high_perm, hessian_init, hessian_update)
-from resq_jax.quantizers import dequantize_weight, fake_quant_weight, weight_scales
+from resq_jax.quant.gptq import (GPTQDampingWarning, GPTQError, gptq_error, gptq_quantize, gptq_sweep, 
+                                 hessian_init, hessian_update)
+from resq_jax.formats.integer import dequantize_weight, fake_quant_weight, weight_scales
+from resq_jax.quant.layouts import head_high_last_permutation
 
 # ----------------------------------------------------------------------------------------------
 # independent float64 reference, written from the algorithm (docs/algorithms.md, GPTQ)
@@ -130,7 +131,7 @@ def test_parity_with_float64_reference(d_in, block, high_rows, perm, act_order, 
     x = correlated_inputs(rng, 2048, d_in)
     h = hessian_of(x)
     w = (rng.standard_normal((d_in, d_out)) * 0.05).astype(np.float32)
-    row_perm = None if perm is None else head_high_perm(*perm)
+    row_perm = None if perm is None else head_high_last_permutation(*perm)
     r = gptq_quantize(w, h, low_bits=4, high_bits=8, high_rows=high_rows, row_perm=row_perm,
                       block_size=block, act_order=act_order, group_size=group_size)
     codes = r.int_codes()
@@ -160,7 +161,7 @@ def test_diagonal_hessian_gives_exactly_rtn():
     rng = np.random.default_rng(8)
     w = (rng.standard_normal((256, 64)) * 0.05).astype(np.float32)
     h = jnp.diag(jnp.asarray(np.exp(rng.uniform(-2, 2, 256)), jnp.float32))
-    perm = head_high_perm(4, 64, 8)
+    perm = head_high_last_permutation(4, 64, 8)
     r = gptq_quantize(w, h, low_bits=4, high_rows=32, row_perm=perm, act_order=True)
     rtn = np.asarray(fake_quant_weight(jnp.asarray(w[perm]), 4, 8, 32))[np.argsort(perm)]
     np.testing.assert_array_equal(np.asarray(r.w_q), rtn)
@@ -171,7 +172,7 @@ def test_scales_are_fixed_from_original_w_with_clip_search():
     d_in, d_out, high_rows = 256, 32, 32
     x = correlated_inputs(rng, 1024, d_in)
     w = (rng.standard_normal((d_in, d_out)) * 0.05).astype(np.float32)
-    perm = head_high_perm(4, 64, 8)
+    perm = head_high_last_permutation(4, 64, 8)
     r = gptq_quantize(w, hessian_of(x), low_bits=4, high_rows=high_rows, row_perm=perm,
                       clip_search=True, act_order=True)
     wp = jnp.asarray(w[perm])
@@ -268,10 +269,11 @@ SITE_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": 
 def smollm2():
     """(model, streamer, token ids of the first 400k characters of the built-in Wikipedia
     calibration text)."""
-    from models.decoder import from_weights
-    from models.loaders import load_model
-    from resq_jax.data import load_text, tokenize
-    from models.runner import LayerStreamer
+    from resq_jax.models.decoder import from_weights
+    from resq_jax.models.loaders import load_model
+    from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import tokenize
+    from resq_jax.models.streaming import LayerStreamer
 
     m = load_model("smollm2")
     ids = tokenize(load_text("wiki-calib").text[:400_000], m.tokenizer)
@@ -298,7 +300,7 @@ def layer_inputs(streamer, windows, layers, batch=16):
 def compare_on_smollm2(smollm2, n_calib_windows, linears, layers=(1, 3)):
     """Relative output error on 4 held-out windows of 256 tokens of RTN-4 and GPTQ-4 (per output
     column, H from n_calib_windows random windows of 256 tokens): [(layer, linear, rtn, gptq)]."""
-    from resq_jax.data import calib_windows, eval_windows
+    from resq_jax.data.windows import calib_windows, eval_windows
 
     m, st, ids = smollm2
     half = len(ids) // 2
@@ -416,12 +418,12 @@ def test_bad_shapes():
         gptq_quantize(np.ones((64, 8), np.float32), np.eye(32, dtype=np.float32), low_bits=4)
     with pytest.raises(GPTQError, match="d_in"):
         hessian_update(*hessian_init(16), jnp.ones((4, 8)))
-    with pytest.raises(GPTQError, match="head_dim"):
-        head_high_perm(2, 8, 9)
+    with pytest.raises(ValueError, match="head_dim"):
+        head_high_last_permutation(2, 8, 9)
 
 
-def test_head_high_perm():
-    p = head_high_perm(2, 4, 1)
+def test_head_high_last_permutation():
+    p = head_high_last_permutation(2, 4, 1)
     np.testing.assert_array_equal(p, [0, 1, 2, 4, 5, 6, 3, 7])
 
 
@@ -481,10 +483,10 @@ def _naive_streamed_gptq(config, weights, windows, spec, batch_size, quantized_i
     layer (with the weights quantized so far, or the layer's float weights when
     ``quantized_inputs`` is False) to capture its input, and GPTQ each linear on its own; the
     next layer is fed the quantized layer's output."""
-    from models.decoder import from_weights
-    from models.runner import LayerStreamer
-    from resq_jax.fake_quant import linear_high_rows
-    from resq_jax.weight_quantization import GPTQ_ORDER
+    from resq_jax.models.decoder import from_weights
+    from resq_jax.models.streaming import LayerStreamer
+    from resq_jax.quant.layouts import linear_high_rows
+    from resq_jax.quant.weights import GPTQ_ORDER
 
     w = dict(weights)
     float_w = dict(weights)
@@ -519,9 +521,9 @@ def test_streamed_gptq_follows_the_layer_order(tmp_path):
     with each Hessian from the already quantized earlier parts, the next layer fed the quantized
     layer's output. Hessians from float inputs instead give clearly different codes."""
     from hf_fixtures import build_torch_model, tiny_llama_config
-    from models.loaders import load_model
-    from resq_jax.fake_quant import LINEARS, WeightSpec, linear_high_rows
-    from resq_jax.weight_quantization import gptq_weights_codes
+    from resq_jax.models.loaders import load_model
+    from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
+    from resq_jax.quant.weights import gptq_weights_codes
 
     build_torch_model(tiny_llama_config(tied=False, llama3=False)).save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path), with_tokenizer=False)

@@ -16,8 +16,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from resq_jax import projections as P
 from resq_jax.kernels import hadamard as H
+from resq_jax.transforms.fwht import hadamard_transform, hadamard_transform_np
+from resq_jax.transforms.hadamard import HadamardSizeError, hadamard_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION2_SIZES = (576, 896, 1536, 4864, 8960, 18944, 29568)
@@ -107,9 +108,9 @@ def test_ffi_matches_reference_float32(ffi, n):
         else:
             y = H.hadamard(x, n, impl="ffi")
         assert y.shape == x.shape and y.dtype == jnp.float32
-        ref = P.hadamard_transform(x, n, transpose=transpose)
+        ref = hadamard_transform(x, n, transpose=transpose)
         assert _rel_err(y, ref, x) <= 1e-5, (n, transpose)
-        ref64 = P.hadamard_transform_np(x.astype(np.float64), transpose=transpose)
+        ref64 = hadamard_transform_np(x.astype(np.float64), transpose=transpose)
         assert _rel_err(y, ref64, x) <= 1e-5, (n, transpose)
 
 
@@ -119,7 +120,7 @@ def test_ffi_matches_dense_matrix(ffi, n):
     if ffi.cpu_library is None:
         pytest.skip("native library unavailable")
     x = _rng_x((5, n), seed=1)
-    hm = P.hadamard_matrix(n)
+    hm = hadamard_matrix(n)
     np.testing.assert_allclose(hm @ hm.T, np.eye(n), atol=1e-12)
     y = np.asarray(H.hadamard(x, impl="ffi"), np.float64)
     yt = np.asarray(H.hadamard(x, transpose=True, impl="ffi"), np.float64)
@@ -134,7 +135,7 @@ def test_every_cpu_code_path_agrees(ffi):
         pytest.skip("native library unavailable")
     for n in (2, 8, 12, 37, 40, 148, 4864, 8960):
         x = _rng_x((3, n), seed=n)
-        ref = P.hadamard_transform_np(x.astype(np.float64))
+        ref = hadamard_transform_np(x.astype(np.float64))
         outs = [np.asarray(H._hadamard(x, None, False, "ffi", isa)) for isa in (1, 2, 3)]
         for y in outs:
             assert _rel_err(y, ref, x) <= 1e-6, n
@@ -148,7 +149,7 @@ def test_many_rows_thread_partition(ffi):
         pytest.skip("native library unavailable")
     x = _rng_x((513, 1536), seed=3)
     y = np.asarray(H.hadamard(x, impl="ffi"))
-    ref = np.asarray(P.hadamard_transform(x))
+    ref = np.asarray(hadamard_transform(x))
     assert _rel_err(y, ref, x) <= 1e-5
     # Row i of the output depends only on row i of the input.
     x2 = x.copy()
@@ -166,14 +167,14 @@ def test_half_precision(ffi, dtype, eps):
         x = jnp.asarray(_rng_x((3, n), seed=n), dtype)
         y = H.hadamard(x, impl="ffi")
         assert y.dtype == dtype
-        ref = P.hadamard_transform(x)  # float32 compute from the same inputs, one final rounding
+        ref = hadamard_transform(x)  # float32 compute from the same inputs, one final rounding
         y64, ref64 = np.asarray(y, np.float64), np.asarray(ref, np.float64)
         # Same float32 value up to summation order (~1e-7 of the row norm), rounded once: at most
         # one ulp apart, plus the float32 summation noise for values near zero.
         row_norm = float(np.linalg.norm(np.asarray(x, np.float64), axis=-1).max())
         assert np.all(np.abs(y64 - ref64) <= 2 * eps * np.abs(ref64) + 1e-6 * row_norm)
         assert np.mean(y64 == ref64) > 0.97
-        truth = P.hadamard_transform_np(np.asarray(x, np.float64))
+        truth = hadamard_transform_np(np.asarray(x, np.float64))
         assert np.abs(y64 - truth).max() <= eps * np.abs(truth).max()
 
 
@@ -188,7 +189,7 @@ def test_half_conversions_special_values(ffi):
         x = np.array([[big, big], [np.nan, 1.0], [tiny * 3, tiny], [1.0, -1.0], [0.0, -0.0]], np.float32)
         xd = jnp.asarray(x, dtype)
         y = np.asarray(H.hadamard(xd, impl="ffi"), np.float32)
-        ref = np.asarray(P.hadamard_transform(xd), np.float32)
+        ref = np.asarray(hadamard_transform(xd), np.float32)
         np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
         ok = ~np.isnan(ref)
         np.testing.assert_array_equal(y[ok], ref[ok])
@@ -213,7 +214,7 @@ def test_transpose_is_inverse_and_matches_dense(ffi):
     y = H.hadamard(x)
     back = H.hadamard(y, transpose=True)
     assert _rel_err(back, x, x) <= 1e-5
-    hm = P.hadamard_matrix(4864)
+    hm = hadamard_matrix(4864)
     assert _rel_err(H.hadamard(x, transpose=True), np.asarray(x, np.float64) @ hm, x) <= 1e-5
 
 
@@ -222,7 +223,7 @@ def test_grad_is_the_transpose_transform(ffi, transpose):
     n = 1536
     x = jnp.asarray(_rng_x((2, n), seed=7))
     w = _rng_x((2, n), seed=8)
-    hm = P.hadamard_matrix(n)
+    hm = hadamard_matrix(n)
     # f(x) = <w, x A> with A = H^T (transpose=False) or H (True)  =>  df/dx = w A^T
     g = jax.grad(lambda a: jnp.sum(jnp.asarray(w) * H.hadamard(a, transpose=transpose)))(x)
     analytic = w.astype(np.float64) @ (hm if not transpose else hm.T)
@@ -230,12 +231,12 @@ def test_grad_is_the_transpose_transform(ffi, transpose):
     # Non-linear loss under jit + vmap, against the jnp reference's autodiff.
     loss = lambda f: lambda a: jnp.sum(jnp.sin(f(a)) ** 2)  # noqa: E731
     g_ffi = jax.jit(jax.vmap(jax.grad(loss(lambda a: H.hadamard(a, transpose=transpose)))))(x)
-    g_ref = jax.vmap(jax.grad(loss(lambda a: P.hadamard_transform(a, transpose=transpose))))(x)
+    g_ref = jax.vmap(jax.grad(loss(lambda a: hadamard_transform(a, transpose=transpose))))(x)
     assert _rel_err(g_ffi, g_ref, np.ones((1, n))) <= 1e-5
     if transpose:  # second order (the backward pass is itself the custom_vjp transform)
         x1 = x[:1, :576]
         hvp = jax.grad(lambda a: jnp.sum(jax.grad(loss(lambda b: H.hadamard(b, transpose=True)))(a)))(x1)
-        hvp_ref = jax.grad(lambda a: jnp.sum(jax.grad(loss(lambda b: P.hadamard_transform(b, transpose=True)))(a)))(x1)
+        hvp_ref = jax.grad(lambda a: jnp.sum(jax.grad(loss(lambda b: hadamard_transform(b, transpose=True)))(a)))(x1)
         assert _rel_err(hvp, hvp_ref, np.ones((1, 576))) <= 1e-4
 
 
@@ -274,8 +275,8 @@ def test_missing_library_falls_back_with_one_warning(monkeypatch, tmp_path):
     ours = [w for w in rec if "native CPU Hadamard kernel is unavailable" in str(w.message)]
     assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
     assert "ffi_call" not in str(jax.make_jaxpr(lambda a: H.hadamard(a))(x))
-    np.testing.assert_array_equal(y1, P.hadamard_transform(x))
-    np.testing.assert_array_equal(y2, P.hadamard_transform(x, transpose=True))
+    np.testing.assert_array_equal(y1, hadamard_transform(x))
+    np.testing.assert_array_equal(y2, hadamard_transform(x, transpose=True))
     with pytest.raises(H.FfiUnavailableError, match="pip install"):
         H.hadamard(x, impl="ffi")
     with pytest.raises(H.FfiUnavailableError, match="pip install"):
@@ -283,15 +284,15 @@ def test_missing_library_falls_back_with_one_warning(monkeypatch, tmp_path):
 
 
 def test_bad_inputs():
-    with pytest.raises(P.HadamardSizeError, match="Nearby sizes that work"):
+    with pytest.raises(HadamardSizeError, match="Nearby sizes that work"):
         H.hadamard(jnp.zeros((2, 1031), jnp.float32))  # 1031 is prime > MAX_K: no construction
-    with pytest.raises(P.HadamardSizeError, match="size=512"):
+    with pytest.raises(HadamardSizeError, match="size=512"):
         H.hadamard(jnp.zeros((2, 576), jnp.float32), 512)
     with pytest.raises(ValueError, match="floating"):
         H.hadamard(jnp.zeros((2, 576), jnp.int32))
     with pytest.raises(ValueError, match="impl must be one of"):
         H.hadamard(jnp.zeros((2, 576), jnp.float32), impl="cuda")
-    with pytest.raises(P.HadamardSizeError):
+    with pytest.raises(HadamardSizeError):
         H.hadamard(jnp.zeros((), jnp.float32))
 
 
@@ -300,7 +301,7 @@ def test_float64_uses_the_exact_reference():
         x = jnp.asarray(_rng_x((3, 1536), seed=11).astype(np.float64))
         y = H.hadamard(x)
         assert y.dtype == jnp.float64
-        assert _rel_err(y, P.hadamard_transform_np(np.asarray(x)), x) <= 1e-13
+        assert _rel_err(y, hadamard_transform_np(np.asarray(x)), x) <= 1e-13
         with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
             H.hadamard(x, impl="ffi")
 

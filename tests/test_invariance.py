@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
-from models.decoder import from_weights
-from models.loaders import load_model
-from resq_jax import fusion
-from resq_jax.calibration import calibrate
-from resq_jax.methods import QuantConfig, apply_transforms, prepare, quarot_transforms, resq_transforms
+from resq_jax.models.decoder import from_weights
+from resq_jax.models.loaders import load_model
+from resq_jax.rotation import fusion
+from resq_jax.calibration.statistics import calibrate
+from resq_jax.pipeline.recipes import QuantConfig
+from resq_jax.rotation.transforms import apply_transforms, quarot_transforms, resq_transforms
+from resq_jax.pipeline.quantize import prepare
 
 OFF = dict(w_bits=16, a_bits=16, kv_bits=16)
 
@@ -58,7 +60,7 @@ def test_folded_view_equals_eager_fold_without_copying(tiny):
     with pytest.raises(KeyError):
         view["layers.0.nope"]
     calib = np.random.default_rng(9).integers(0, cfg.vocab_size, (2, 16))
-    from models.runner import LayerStreamer
+    from resq_jax.models.streaming import LayerStreamer
 
     a = calibrate(LayerStreamer.from_weights(view_cfg, view), calib, progress=False)
     b = calibrate(from_weights(cfg, eager), calib, progress=False)

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config
-from models.decoder import from_weights
-from models.loaders import load_model
-from models.runner import LayerStreamer
-from resq_jax.lqer import int_lowrank_weights, lowrank_correction
-from resq_jax.methods import QuantConfig, QuantConfigError, check_rank, quantize_model, weight_bits
-from resq_jax.quantizers import fake_quant_weight
+from resq_jax.models.decoder import from_weights
+from resq_jax.models.loaders import load_model
+from resq_jax.models.streaming import LayerStreamer
+from resq_jax.quant.lqer import int_lowrank_weights, lowrank_correction
+from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
+from resq_jax.pipeline.quantize import check_rank, quantize_model, weight_bits
+from resq_jax.formats.integer import fake_quant_weight
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_rank_larger_than_a_linear_fails_before_work(tiny):
 
 
 def test_weight_bits_hand_worked():
-    from models.config import ModelConfig
+    from resq_jax.models.config import ModelConfig
 
     cfg = ModelConfig(arch="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, rms_eps=1e-5, rope_theta=1e4,
@@ -128,7 +129,7 @@ def test_recipes_end_to_end_tiny(tiny):
 
 
 def test_settings_a_recipe_would_ignore_are_refused():
-    from resq_jax.methods import setting_applies
+    from resq_jax.pipeline.recipes import setting_applies
 
     for kwargs, needle in [(dict(method="resq", rank=8), "--rank does not apply"),
                            (dict(method="resq", w_format="int"), "--w-format does not apply"),

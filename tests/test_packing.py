@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resq_jax.packing import pack_int4, pack_int4_np, signed_shift, unpack_int4, unpack_int4_np
+from resq_jax.formats.packing import pack_int4, pack_int4_np, signed_shift, unpack_int4, unpack_int4_np
 
 
 def test_hand_worked_bytes():

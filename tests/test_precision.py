@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import ModelConfig
-from models.decoder import IDENTITY, from_weights
-from models.loaders import expected_shapes
-from models.rope import rope_tables
-from models.runner import LayerStreamer, head_nll
-from resq_jax import calibration, gptq, weight_quantization as wq
+from resq_jax.models.config import ModelConfig
+from resq_jax.models.decoder import IDENTITY, from_weights
+from resq_jax.models.loaders import expected_shapes
+from resq_jax.models.rope import rope_tables
+from resq_jax.models.streaming import LayerStreamer, head_nll
+from resq_jax.calibration import statistics as calibration
+from resq_jax.quant import gptq, weights as wq
 
 CFG = ModelConfig(arch="qwen2", vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
                   num_kv_heads=2, head_dim=8, rms_eps=1e-6, rope_theta=1e4, attention_bias=True)

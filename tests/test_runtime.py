@@ -12,17 +12,20 @@ import pytest
 from flax import nnx
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
-from models.decoder import from_weights
-from models.loaders import load_model
-from models.runner import LayerStreamer
-from resq_jax.evaluation import generate_greedy, perplexity
-from resq_jax.fake_quant import LINEARS, OFF
-from resq_jax.methods import QuantConfig, quantize_model, setting_applies, weight_spec
-from resq_jax.quantizers import fake_quant_mixed, quantize_mixed
-from resq_jax.runtime import (PackedLinear, PackError, block_accumulator, dequantize_kv, exact_f32_rows,
-                              init_packed_cache, integer_decoder, linear_accumulators, pack_model, packed_decoder,
-                              quantize_kv)
-from resq_jax.weight_quantization import rtn_weights_codes
+from resq_jax.models.decoder import from_weights
+from resq_jax.models.loaders import load_model
+from resq_jax.models.streaming import LayerStreamer
+from resq_jax.eval.generate import generate_greedy
+from resq_jax.eval.perplexity import perplexity
+from resq_jax.quant.layouts import LINEARS
+from resq_jax.formats.bits import OFF
+from resq_jax.pipeline.recipes import QuantConfig, setting_applies
+from resq_jax.pipeline.quantize import quantize_model, weight_spec
+from resq_jax.formats.integer import fake_quant_mixed, quantize_mixed
+from resq_jax.runtime.linear import PackedLinear, block_accumulator, exact_f32_rows, linear_accumulators
+from resq_jax.runtime.pack import PackError, integer_decoder, pack_model, packed_decoder
+from resq_jax.runtime.kv_cache import dequantize_kv, init_packed_cache, quantize_kv
+from resq_jax.quant.weights import rtn_weights_codes
 
 # the site whose (raw) value feeds each linear
 INPUT_SITE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in",
@@ -100,8 +103,8 @@ def _apply(module, x, hooks=None) -> np.ndarray:
 def _check_lowrank(qm, lin, key, site, flat):
     """Packed Q(Q(x) A) B: the int32 accumulator of (q - z) A equals an int64 reference from the
     fake path's codes (t = sum_b s_b sA acc_b to float rounding), that of Q(t) B too."""
-    from resq_jax.fake_quant import head_high_last_permutation
-    from resq_jax.runtime import linear_lowrank
+    from resq_jax.quant.layouts import head_high_last_permutation
+    from resq_jax.runtime.linear import linear_lowrank
 
     lay = lin.layout
     a, b = qm.codes[key + "_lr_a"], qm.codes[key + "_lr_b"]
@@ -236,7 +239,7 @@ def test_rtn_codes_match_a_float64_reference(tiny, clip_search):
     rounding ties (counted, bounded), scales equal to float32 rounding, the chosen clip-search p
     the float64 minimum (up to float32 noise in the error), dequantized weights equal to float32
     rounding, codes in the row order of the layout definition."""
-    from resq_jax.quantizers import dequantize_weight
+    from resq_jax.formats.integer import dequantize_weight
 
     spec = dataclasses.replace(weight_spec(tiny.config, QuantConfig(method="resq")), clip_search=clip_search)
     assert (spec.w_bits, spec.high_bits, spec.high_residual, spec.high_head) == (4, 8, 8, 2)
@@ -297,7 +300,7 @@ def test_f32_integer_dot_chunks_are_exact():
 
 
 def tiny_layout():
-    from resq_jax.runtime import ActQuant, LinearLayout
+    from resq_jax.runtime.linear import ActQuant, LinearLayout
     return LinearLayout(d_in=8, d_out=4, groups=1, low_rows=8, high_rows=0, w_low_bits=4, w_high_bits=8,
                         act=ActQuant(4, 16, 0))
 
@@ -400,7 +403,7 @@ def test_kv_codes_equal_fake_quant(tiny_resq):
                     jnp.float32)
     kv = quantize_kv(x, s.kv_bits, s.high_bits, s.high_head)
     ref = quantize_mixed(x, s.kv_bits, s.high_bits, s.high_head)
-    from resq_jax.packing import unpack_int4
+    from resq_jax.formats.packing import unpack_int4
 
     n_low = qm.config.head_dim - s.high_head
     np.testing.assert_array_equal(np.asarray(unpack_int4(kv.low))[..., :n_low].astype(np.int32) + 8,
@@ -430,7 +433,7 @@ def test_generation_with_quantized_cache(qwen_tiny):
     tokens agreed for 6 prompts x 2 tiny families (smallest fake-quant top-2 margin 2e-4); with
     the default float16 tables (a different model) agreement fell to a 0..12-token prefix,
     which is why this pack keeps float32 tables. Asserted: all N = 8 tokens agree here."""
-    from models.decoder import init_cache
+    from resq_jax.models.decoder import init_cache
 
     calib = np.random.default_rng(1).integers(0, qwen_tiny.config.vocab_size, (8, 32))
     qm = _quantize(qwen_tiny, calib)
@@ -516,7 +519,7 @@ def test_resq_l2qer_low_rank_correction_packs(qwen_tiny, tmp_path):
     weight's blocks, x A and Q(x A) B) equal integer references from the fake path's codes and
     its output equals the fake-quant linear with the quantized lowrank site to float rounding;
     the checkpoint round trip keeps the logits bit for bit."""
-    from resq_jax.checkpoint import load_packed, save_packed
+    from resq_jax.runtime.checkpoint import load_packed, save_packed
 
     calib = np.random.default_rng(11).integers(0, qwen_tiny.config.vocab_size, (8, 32))
     qm = _quantize(qwen_tiny, calib, method="resq+l2qer", rank=4)
@@ -549,7 +552,8 @@ def _truncate(m, n_layers):
 
 def test_smollm2_two_layers_every_linear_and_attention(smol):
     """ResQ W4A4KV4 (RTN) on SmolLM2's first two layers (d=576, hd=64, ffn=1536, GQA 9/3)."""
-    from resq_jax.data import calib_windows, load_text, tokenize
+    from resq_jax.data.windows import calib_windows, tokenize
+    from resq_jax.data.texts import load_text
 
     m = _truncate(smol, 2)
     text = tokenize(load_text("wiki-calib").text, smol.tokenizer)
@@ -575,8 +579,9 @@ def test_smollm2_integer_evaluation_is_the_checkpoints_and_batch_invariant(smol,
     evaluation (integer_decoder) gives the same perplexity at batch sizes 1, 2 and 4, equal to the
     saved and reloaded packed checkpoint's; the classic fake path is near (float rounding re-draws
     W4A4 codes, so only a band)."""
-    from resq_jax.checkpoint import load_packed, save_packed
-    from resq_jax.data import calib_windows, eval_windows, load_text, tokenize
+    from resq_jax.runtime.checkpoint import load_packed, save_packed
+    from resq_jax.data.windows import calib_windows, eval_windows, tokenize
+    from resq_jax.data.texts import load_text
 
     m = _truncate(smol, 6)
     calib = calib_windows(tokenize(load_text("wiki-calib").text, smol.tokenizer), 8, 128, seed=0)
@@ -602,8 +607,9 @@ def test_smollm2_whole_model_perplexity_packed_equals_fake(smol, tmp_path):
     The classic float fake path computes the same model with other float rounding; a W4A4
     model's perplexity is not continuous at that scale (a one-ulp change moves later 4-bit codes
     across rounding ties), so it only agrees within a band."""
-    from resq_jax.checkpoint import load_packed, save_packed
-    from resq_jax.data import calib_windows, eval_windows, load_text, tokenize
+    from resq_jax.runtime.checkpoint import load_packed, save_packed
+    from resq_jax.data.windows import calib_windows, eval_windows, tokenize
+    from resq_jax.data.texts import load_text
 
     calib = calib_windows(tokenize(load_text("wiki-calib").text, smol.tokenizer), 64, 512, seed=0)
     ev = eval_windows(tokenize(load_text("wiki-eval").text, smol.tokenizer), 40, 512)

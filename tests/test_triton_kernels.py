@@ -1,6 +1,6 @@
 """Packed mixed-precision GEMM: the jnp reference, and the Triton kernels without a GPU.
 
-* jnp reference (resq_jax.kernels.mixed_gemm): codes are those of quantizers.quantize_mixed,
+* jnp reference (resq_jax.kernels.mixed_gemm): codes are those of quantize_mixed,
   int32 accumulators equal a NumPy int64 matmul of the unpacked codes, the output equals fake
   quantization (dequantize_mixed(x) @ dequantize_weight(w) + bias) to float32 rounding.
 * Triton kernels under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, torch CPU
@@ -24,9 +24,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resq_jax import packing, quantizers
-from resq_jax.kernels import mixed_gemm as mg
-from resq_jax.kernels.triton import selfcheck  # imports neither triton nor torch
+from resq_jax.formats import packing
+from support.triton import selfcheck  # imports neither triton nor torch
+from resq_jax.formats.integer import dequantize_mixed, dequantize_weight, quantize_mixed, quantize_weight_sym
+from resq_jax.runtime.linear import ActQuant, LinearLayout, PackedLinear, pack_block_np
+from resq_jax.kernels.gemm_reference import dequantize_packed_activations, int_accumulators, pack_weights
+from resq_jax.kernels.mixed_gemm import mixed_gemm, quantize_pack, select_impl, triton_available
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS32 = float(np.finfo(np.float32).eps)
@@ -51,8 +54,8 @@ def _inputs(m, k, n, r, seed=0, dtype=jnp.float32, bias=True):
 
 def _packed(m, k, n, r, **kw):
     x, w, b = _inputs(m, k, n, r, **kw)
-    codes = quantizers.quantize_weight_sym(w, 4, 8, r)
-    return x, codes, mg.quantize_pack(x, r, impl="jnp"), mg.pack_weights(codes, b), b
+    codes = quantize_weight_sym(w, 4, 8, r)
+    return x, codes, quantize_pack(x, r, impl="jnp"), pack_weights(codes, b), b
 
 
 SHAPES = [(7, 96, 40, 16), (5, 576, 24, 72), (3, 576, 24, 0), (4, 4864, 16, 608), (2, 34, 3, 0)]
@@ -65,8 +68,8 @@ SHAPES = [(7, 96, 40, 16), (5, 576, 24, 72), (3, 576, 24, 0), (4, 4864, 16, 608)
 @pytest.mark.parametrize("m,k,n,r", SHAPES[:3])
 def test_quantize_pack_is_quantize_mixed(m, k, n, r, dtype):
     x, *_ = _inputs(m, k, n, r, dtype=dtype)
-    px = mg.quantize_pack(x, r, impl="jnp")
-    ref = quantizers.quantize_mixed(x, 4, 8, r)
+    px = quantize_pack(x, r, impl="jnp")
+    ref = quantize_mixed(x, 4, 8, r)
     assert px.q4.dtype == jnp.int8 and px.q4.shape == (m, (k - r) // 2)
     np.testing.assert_array_equal(np.asarray(packing.unpack_int4(px.q4)).astype(np.int32) + 8,
                                   np.asarray(ref.low.q[:, 0]).astype(np.int32))
@@ -79,14 +82,14 @@ def test_quantize_pack_is_quantize_mixed(m, k, n, r, dtype):
     else:
         assert px.q8 is None and px.scale8 is None and px.zero8 is None
     # (q - z) * s on the signed grid is the same dequantization
-    np.testing.assert_array_equal(np.asarray(mg.dequantize_packed_activations(px)),
-                                  np.asarray(quantizers.dequantize_mixed(ref)))
+    np.testing.assert_array_equal(np.asarray(dequantize_packed_activations(px)),
+                                  np.asarray(dequantize_mixed(ref)))
 
 
 @pytest.mark.parametrize("m,k,n,r", SHAPES)
 def test_int_accumulators_equal_numpy_int64(m, k, n, r):
     _, codes, px, pw, _ = _packed(m, k, n, r)
-    acc4, acc8 = mg.int_accumulators(px, pw)
+    acc4, acc8 = int_accumulators(px, pw)
     x4 = packing.unpack_int4_np(np.asarray(px.q4)).astype(np.int64)
     w4 = packing.unpack_int4_np(np.asarray(pw.w4), axis=0).astype(np.int64)
     np.testing.assert_array_equal(w4, np.asarray(codes.q_low))
@@ -106,9 +109,9 @@ def test_output_equals_fake_quant(m, k, n, r):
     """y (float32) vs dequantize_mixed(x) @ dequantize_weight(w) + bias, the float fake-quant
     linear: equal up to the float32 rounding of a length-K dot (|err| <= (K + 8) eps sum|x||w|)."""
     x, codes, px, pw, b = _packed(m, k, n, r)
-    y = np.asarray(mg.mixed_gemm(px, pw, impl="jnp", out_dtype=jnp.float32), np.float64)
-    xd = np.asarray(quantizers.dequantize_mixed(quantizers.quantize_mixed(x, 4, 8, r)), np.float64)
-    wd = np.asarray(quantizers.dequantize_weight(codes), np.float64)
+    y = np.asarray(mixed_gemm(px, pw, impl="jnp", out_dtype=jnp.float32), np.float64)
+    xd = np.asarray(dequantize_mixed(quantize_mixed(x, 4, 8, r)), np.float64)
+    wd = np.asarray(dequantize_weight(codes), np.float64)
     fake32 = np.asarray(jnp.asarray(xd, jnp.float32) @ jnp.asarray(wd, jnp.float32)
                         + b[None, :], np.float64)
     exact = xd @ wd + np.asarray(b, np.float64)[None, :]
@@ -120,7 +123,7 @@ def test_output_equals_fake_quant(m, k, n, r):
           f"{np.max(np.abs(y - fake32)):.3g}")
     assert err_int <= 8 * EPS32  # exact integers, then a few roundings
     assert np.max(np.abs(y - fake32) / mag) <= (k + 8) * EPS32
-    y16 = mg.mixed_gemm(px, pw, impl="jnp")
+    y16 = mixed_gemm(px, pw, impl="jnp")
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y16), np.asarray(jnp.asarray(y, jnp.float32)
                                                                .astype(jnp.bfloat16)))
@@ -128,54 +131,54 @@ def test_output_equals_fake_quant(m, k, n, r):
 
 def test_leading_axes_jit_and_no_bias():
     x, w, _ = _inputs(6, 96, 8, 16, bias=False)
-    pw = mg.pack_weights(quantizers.quantize_weight_sym(w, 4, 8, 16))
+    pw = pack_weights(quantize_weight_sym(w, 4, 8, 16))
     assert pw.bias is None
     x3 = x.reshape(2, 3, 96)
 
     @jax.jit
     def linear(x):
-        return mg.mixed_gemm(mg.quantize_pack(x, 16), pw, out_dtype=jnp.float32)
+        return mixed_gemm(quantize_pack(x, 16), pw, out_dtype=jnp.float32)
 
     y3 = linear(x3)
     assert y3.shape == (2, 3, 8)
-    y2 = mg.mixed_gemm(mg.quantize_pack(x, 16), pw, out_dtype=jnp.float32)
+    y2 = mixed_gemm(quantize_pack(x, 16), pw, out_dtype=jnp.float32)
     np.testing.assert_array_equal(np.asarray(y3).reshape(6, 8), np.asarray(y2))
 
 
 def test_auto_is_jnp_on_cpu():
     if jax.default_backend() == "gpu":
         pytest.skip("this machine has a GPU backend")
-    assert mg.select_impl("auto") == "jnp" and not mg.triton_available()
+    assert select_impl("auto") == "jnp" and not triton_available()
 
 
 def test_bad_input_errors_name_the_fix():
     x, w, _ = _inputs(2, 96, 8, 16)
     with pytest.raises(ValueError, match="odd"):
-        mg.quantize_pack(x, 15)
+        quantize_pack(x, 15)
     with pytest.raises(ValueError, match="odd"):
-        mg.quantize_pack(x[:, :95], 0)
+        quantize_pack(x[:, :95], 0)
     with pytest.raises(ValueError, match="0..K-1"):
-        mg.quantize_pack(x, 96)
+        quantize_pack(x, 96)
     with pytest.raises(ValueError, match="float32 and bfloat16"):
-        mg.quantize_pack(x.astype(jnp.float16), 16)
+        quantize_pack(x.astype(jnp.float16), 16)
     with pytest.raises(ValueError, match="low_bits"):
-        mg.quantize_pack(x, 16, low_bits=8)
+        quantize_pack(x, 16, low_bits=8)
     with pytest.raises(ValueError, match="impl must be one of"):
-        mg.quantize_pack(x, 16, impl="cuda")
-    pw = mg.pack_weights(quantizers.quantize_weight_sym(w, 4, 8, 16))
+        quantize_pack(x, 16, impl="cuda")
+    pw = pack_weights(quantize_weight_sym(w, 4, 8, 16))
     with pytest.raises(ValueError, match="same high"):
-        mg.mixed_gemm(mg.quantize_pack(x, 32), pw)
+        mixed_gemm(quantize_pack(x, 32), pw)
     with pytest.raises(ValueError, match="out_dtype"):
-        mg.mixed_gemm(mg.quantize_pack(x, 16), pw, out_dtype=jnp.float16)
+        mixed_gemm(quantize_pack(x, 16), pw, out_dtype=jnp.float16)
     with pytest.raises(ValueError, match="group_size=None"):
-        mg.pack_weights(quantizers.quantize_weight_sym(w, 4, 8, 16, group_size=16))
+        pack_weights(quantize_weight_sym(w, 4, 8, 16, group_size=16))
     with pytest.raises(ValueError, match="bias must have shape"):
-        mg.pack_weights(quantizers.quantize_weight_sym(w, 4, 8, 16), jnp.zeros(7))
+        pack_weights(quantize_weight_sym(w, 4, 8, 16), jnp.zeros(7))
 
 
 def _run_py(code: str, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update({"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TRITON_DEFAULT_FP_FUSION": "1"})
+    env.update({"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "JAX_PLATFORMS": "cpu", "TRITON_DEFAULT_FP_FUSION": "1"})
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -193,10 +196,10 @@ def test_import_without_triton():
         import jax.numpy as jnp
         import resq_jax.kernels, resq_jax.kernels.triton, resq_jax.kernels.triton.launch
         from resq_jax.kernels import mixed_gemm as mg
-        px = mg.quantize_pack(jnp.ones((2, 8)), 2)
+        px = quantize_pack(jnp.ones((2, 8)), 2)
         assert 'triton' not in sys.modules and 'jax_triton' not in sys.modules
         try:
-            mg.quantize_pack(jnp.ones((2, 8)), 2, impl='triton')
+            quantize_pack(jnp.ones((2, 8)), 2, impl='triton')
         except RuntimeError as e:
             assert "impl='jnp'" in str(e), e
         else:
@@ -214,7 +217,7 @@ def interpreted(tmp_path_factory):
     out = tmp_path_factory.mktemp("selfcheck") / "selfcheck.json"
     p = _run_py(f"""
         import sys
-        from resq_jax.kernels.triton import selfcheck
+        from support.triton import selfcheck
         sys.exit(selfcheck.main(['--json', {str(out)!r}]))
     """, env_extra={"TRITON_INTERPRET": "1"})
     print(p.stdout)
@@ -302,17 +305,17 @@ def test_real_triton_call_under_jit(case):
     reason = real_triton_call_unavailable()
     if reason:
         pytest.skip(reason)
-    from resq_jax import runtime
+    pass
     from resq_jax.kernels.triton import jax_ops
 
     r = case.r
     x, w, bias = selfcheck.make_inputs(case)
     x = x.reshape(1, *x.shape)  # a leading batch axis, as the decoder's [B, T, K]
-    codes = quantizers.quantize_weight_sym(w, 4, 8, r)
-    pw = mg.pack_weights(codes, bias)
-    quantize = jax.jit(lambda a: mg.quantize_pack(a, r, impl="triton"))
+    codes = quantize_weight_sym(w, 4, 8, r)
+    pw = pack_weights(codes, bias)
+    quantize = jax.jit(lambda a: quantize_pack(a, r, impl="triton"))
     assert TRITON_CUSTOM_CALL in quantize.lower(x).as_text(), "jit did not lower to jax_triton's custom call"
-    got_x, ref_x = quantize(x), mg.quantize_pack(x, r, impl="jnp")
+    got_x, ref_x = quantize(x), quantize_pack(x, r, impl="jnp")
     assert jax.tree_util.tree_structure(got_x) == jax.tree_util.tree_structure(ref_x)
     for a, b in zip(jax.tree_util.tree_leaves(got_x), jax.tree_util.tree_leaves(ref_x)):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -321,7 +324,7 @@ def test_real_triton_call_under_jit(case):
     acc_fn = jax.jit(lambda px: jax_ops.int_accumulators(px, pw))
     assert TRITON_CUSTOM_CALL in acc_fn.lower(ref_x).as_text()
     acc4, acc8 = acc_fn(ref_x)
-    ref4, ref8 = mg.int_accumulators(ref_x, pw)
+    ref4, ref8 = int_accumulators(ref_x, pw)
     np.testing.assert_array_equal(np.asarray(acc4), np.asarray(ref4))
     assert (acc8 is None) == (ref8 is None) == (r == 0)
     if r:
@@ -333,22 +336,22 @@ def test_real_triton_call_under_jit(case):
            for n in ("w4", "scale4", "colsum4", "w8", "scale8", "colsum8", "bias")}
     mag = selfcheck._terms_magnitude(flat, pwd, np.asarray(ref4), None if ref8 is None else np.asarray(ref8))
     for dt, tol in zip((jnp.float32, jnp.bfloat16), selfcheck.tolerances(mag)):
-        gemm = jax.jit(lambda px, dt=dt: mg.mixed_gemm(px, pw, impl="triton", out_dtype=dt))
+        gemm = jax.jit(lambda px, dt=dt: mixed_gemm(px, pw, impl="triton", out_dtype=dt))
         assert TRITON_CUSTOM_CALL in gemm.lower(ref_x).as_text()
-        y, y_ref = gemm(ref_x), mg.mixed_gemm(ref_x, pw, impl="jnp", out_dtype=dt)
+        y, y_ref = gemm(ref_x), mixed_gemm(ref_x, pw, impl="jnp", out_dtype=dt)
         assert y.shape == y_ref.shape == (1, case.m, case.n) and y.dtype == y_ref.dtype
         d = np.abs(np.asarray(y, np.float64) - np.asarray(y_ref, np.float64))[0]
         assert np.all(d <= tol), (jnp.dtype(dt).name, float(d.max()), float((d / (mag + 1e-30)).max()))
 
     k, n = w.shape
-    lay = runtime.LinearLayout(d_in=k, d_out=n, groups=1, low_rows=k - r, high_rows=r, w_low_bits=4, w_high_bits=8,
-                               act=runtime.ActQuant(4, 8, r))
+    lay = LinearLayout(d_in=k, d_out=n, groups=1, low_rows=k - r, high_rows=r, w_low_bits=4, w_high_bits=8,
+                               act=ActQuant(4, 8, r))
     arrays = {} if bias is None else {"bias": np.asarray(bias, np.float32)}
     for b, q, scale in (("low", codes.q_low, codes.scale_low), ("high", codes.q_high, codes.scale_high)):
         if lay.rows(b):
-            arrays.update({f"w_{b}": runtime.pack_block_np(np.asarray(q, np.int8)[None], lay.bits(b)),
+            arrays.update({f"w_{b}": pack_block_np(np.asarray(q, np.int8)[None], lay.bits(b)),
                            f"scale_{b}": np.asarray(scale[0])})
-    tri, ref = (runtime.PackedLinear(lay, arrays, impl) for impl in ("triton", "jnp"))
+    tri, ref = (PackedLinear(lay, arrays, impl) for impl in ("triton", "jnp"))
     assert tri.triton_applies()
     xx = jnp.concatenate([x, x[:, ::-1]]).astype(jnp.float32)  # [2, M, K]
     graphdef, state = nnx.split(tri)
@@ -366,7 +369,7 @@ def test_real_triton_call_under_jit(case):
 def compiled():
     p = _run_py("""
         import json, os, re, subprocess, tempfile, triton
-        from resq_jax.kernels.triton import aot
+        from support.triton import aot
         nvdisasm = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin',
                                 'nvdisasm')
         res = {}

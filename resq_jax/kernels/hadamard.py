@@ -52,8 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.precision import EXACT
-from resq_jax import projections
+from resq_jax.util.precision import EXACT
+from resq_jax.transforms.fwht import hadamard_transform
+from resq_jax.transforms.hadamard import HadamardSizeError, hadamard_factor, hadamard_matrix
 
 __all__ = [
     "IMPLS",
@@ -277,12 +278,12 @@ def _ffi_call(target: str, x: jax.Array, hk: np.ndarray, transpose: bool, isa: i
 
 
 def _jnp(x: jax.Array, n: int, transpose: bool) -> jax.Array:
-    return projections.hadamard_transform(x, n, transpose=transpose)
+    return hadamard_transform(x, n, transpose=transpose)
 
 
 def _dense(x: jax.Array, n: int, transpose: bool) -> jax.Array:
     cdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    h = projections.hadamard_matrix(n)
+    h = hadamard_matrix(n)
     hmat = jnp.asarray(h if transpose else h.T, dtype=cdt)  # y = x @ H^T, or x @ H for transpose
     y = jnp.matmul(x.astype(cdt), hmat, precision=EXACT)
     return y.astype(x.dtype)
@@ -293,7 +294,7 @@ def _forward(x: jax.Array, n: int, transpose: bool, impl: str, isa: int) -> jax.
         return _jnp(x, n, transpose)
     if impl == "dense":
         return _dense(x, n, transpose)
-    _, hk, _ = projections.hadamard_factor(n)
+    _, hk, _ = hadamard_factor(n)
     st = _LOADER.status()
 
     def cpu(x_):
@@ -415,7 +416,7 @@ def hadamard(x, size: int | None = None, *, transpose: bool = False, impl: str =
       transpose=False: y = x @ hadamard_matrix(n).T   (y_i = sum_j H[i, j] x_j)
       transpose=True:  y = x @ hadamard_matrix(n)     (the inverse)
     size: optional check that n == size. impl: "auto" | "ffi" | "jnp" | "dense" (module docstring).
-    Raises projections.HadamardSizeError for a size with no construction (the message lists sizes
+    Raises HadamardSizeError for a size with no construction (the message lists sizes
     that work), ValueError for a non-floating dtype or an unknown impl, FfiUnavailableError for
     impl="ffi" without the native library. Usable under jit / vmap / grad.
     """
@@ -425,10 +426,10 @@ def hadamard(x, size: int | None = None, *, transpose: bool = False, impl: str =
 def _hadamard(x, size, transpose, impl, isa) -> jax.Array:
     x = jnp.asarray(x)
     if x.ndim == 0:
-        raise projections.HadamardSizeError("hadamard needs at least one axis (x: [..., n]), got a scalar")
+        raise HadamardSizeError("hadamard needs at least one axis (x: [..., n]), got a scalar")
     n = x.shape[-1]
     if size is not None and size != n:
-        raise projections.HadamardSizeError(
+        raise HadamardSizeError(
             f"size={size} does not match the last axis of x (shape {x.shape}); pass size=None or reshape x"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -436,7 +437,7 @@ def _hadamard(x, size, transpose, impl, isa) -> jax.Array:
             f"hadamard needs a floating x (float32, bfloat16, float16 or float64), got {x.dtype}; "
             "cast it first, e.g. x.astype(jnp.float32)"
         )
-    projections.hadamard_factor(n)  # HadamardSizeError (with sizes that work) for impossible n
+    hadamard_factor(n)  # HadamardSizeError (with sizes that work) for impossible n
     resolved = _resolve_impl(impl, jnp.dtype(x.dtype))
     return _transform(x, n, bool(transpose), resolved, int(isa))
 

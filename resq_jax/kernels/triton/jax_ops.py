@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import jax_triton as jt
 
-from resq_jax.kernels import mixed_gemm as mg
 from resq_jax.kernels.triton import kernels, launch
+from resq_jax.kernels.gemm_reference import PackedActivations, PackedWeights
 
 __all__ = ["quantize_pack", "mixed_gemm", "int_accumulators"]
 
@@ -33,7 +33,7 @@ def _sds(shape, dtype):
 
 
 def quantize_pack(x: jax.Array, high: int, low_bits: int, high_bits: int,
-                  config: launch.QuantizePackConfig | None = None) -> mg.PackedActivations:
+                  config: launch.QuantizePackConfig | None = None) -> PackedActivations:
     """Triton twin of mixed_gemm.quantize_pack_jnp for ``x: [..., K]`` (validated by the caller)."""
     cfg = config or launch.QuantizePackConfig()
     lead, k = x.shape[:-1], x.shape[-1]
@@ -52,17 +52,17 @@ def quantize_pack(x: jax.Array, high: int, low_bits: int, high_bits: int,
               q8=None, scale8=None, zero8=None)
     if high:
         px.update(q8=q8.reshape(*lead, high), scale8=s8.reshape(lead), zero8=z8.reshape(lead))
-    return mg.PackedActivations(**px, low_bits=low_bits, high_bits=high_bits)
+    return PackedActivations(**px, low_bits=low_bits, high_bits=high_bits)
 
 
-def _flat_x(px: mg.PackedActivations) -> dict:
+def _flat_x(px: PackedActivations) -> dict:
     flat = lambda a, tail: None if a is None else a.reshape(-1, *tail)  # noqa: E731
     return dict(q4=flat(px.q4, (px.q4.shape[-1],)), scale4=flat(px.scale4, ()),
                 zero4=flat(px.zero4, ()), q8=None if px.q8 is None else flat(px.q8, (px.high,)),
                 scale8=flat(px.scale8, ()), zero8=flat(px.zero8, ()))
 
 
-def _w_dict(pw: mg.PackedWeights) -> dict:
+def _w_dict(pw: PackedWeights) -> dict:
     return dict(w4=pw.w4, scale4=pw.scale4, colsum4=pw.colsum4, w8=pw.w8, scale8=pw.scale8,
                 colsum8=pw.colsum8, bias=pw.bias)
 
@@ -71,7 +71,7 @@ def _dummies():
     return (jnp.zeros((1,), jnp.int8), jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32))
 
 
-def mixed_gemm(px: mg.PackedActivations, pw: mg.PackedWeights, out_dtype,
+def mixed_gemm(px: PackedActivations, pw: PackedWeights, out_dtype,
                config: launch.GemmConfig | None = None) -> jax.Array:
     """Triton twin of mixed_gemm.mixed_gemm_jnp: ``[..., K] x [K, N] -> [..., N]``."""
     lead = px.q4.shape[:-1]
@@ -87,7 +87,7 @@ def mixed_gemm(px: mg.PackedActivations, pw: mg.PackedWeights, out_dtype,
     return y.reshape(*lead, n)
 
 
-def int_accumulators(px: mg.PackedActivations, pw: mg.PackedWeights,
+def int_accumulators(px: PackedActivations, pw: PackedWeights,
                      config: launch.GemmConfig | None = None):
     """Triton twin of mixed_gemm.int_accumulators: (acc4, acc8 or None), int32 [tokens, N]."""
     x = _flat_x(px)

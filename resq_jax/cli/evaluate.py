@@ -1,0 +1,112 @@
+"""Evaluate a model's perplexity (jitted, float32) and optionally continue a prompt greedily.
+
+Examples:
+  python scripts/evaluate.py                                  # SmolLM2 on the built-in eval text
+  python scripts/evaluate.py --model Qwen/Qwen2.5-0.5B --eval-text wikitext2 --eval-seq-len 2048
+  python scripts/evaluate.py --prompt "The capital of France is"
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from resq_jax.cli.common import (DEFAULT_MODEL, UserError, add_eval_args, add_model_args, check_positive, eval_sets,
+                                 fail, load)
+from resq_jax.cli.table import format_table
+from resq_jax.util.files import write_json_atomic
+
+
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="a folder written by scripts/quantize.py --out: evaluate that quantized model through "
+                        "the packed-integer runtime (generation with a quantized KV cache); with --model too, "
+                        "the checkpoint must come from that model")
+    add_eval_args(p)
+    p.add_argument("--prompt", default=None, help="greedily continue this prompt and print the text")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate for --prompt")
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. only generate)")
+    p.set_defaults(model=None)  # None: the default model, or the checkpoint's own
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        fail(e)
+
+
+def run(args) -> int:
+    check_positive(args, "eval_windows", "eval_seq_len", "batch_size", "max_new_tokens")
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    from resq_jax.models.decoder import IDENTITY, from_weights
+
+    t0 = time.perf_counter()
+    new_cache = None  # (positions) -> an empty generation cache; None: the float cache
+    if args.checkpoint:
+        from resq_jax.runtime.checkpoint import LoadedPacked, load_checkpoint
+        from resq_jax.runtime.kv_cache import init_packed_cache
+        from resq_jax.runtime.pack import packed_decoder
+
+        expect = None if args.model is None else load(args.model).config
+        try:
+            ckpt = load_checkpoint(args.checkpoint, expect_config=expect)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+        tokenizer, source = ckpt.tokenizer, ckpt.source
+        if isinstance(ckpt, LoadedPacked):
+            pm = ckpt.model
+            config, hooks, qconfig, model = pm.config, pm.hooks, pm.qconfig, packed_decoder(pm)
+            eval_path = "packed"
+            new_cache = lambda n: init_packed_cache(pm.config, pm.spec, 1, n)  # noqa: E731
+        else:  # an older fake-quant checkpoint
+            config, hooks, qconfig = ckpt.config, ckpt.hooks, ckpt.qconfig
+            model, eval_path = from_weights(config, ckpt.weights), "fake"
+        method = qconfig["method"]
+    else:
+        loaded = load(args.model or DEFAULT_MODEL)
+        config, hooks, tokenizer = loaded.config, IDENTITY, loaded.tokenizer
+        source, method, qconfig, eval_path = loaded.source, "none", {}, "float"
+        model = from_weights(config, loaded.weights)
+    if tokenizer is None:
+        raise UserError("the model has no tokenizer files; add them to its folder")
+    log(f"loaded {source} in {time.perf_counter() - t0:.1f}s")
+    evals = {} if args.no_ppl else eval_sets(tokenizer, args.eval_text, args.eval_windows, args.eval_seq_len)
+
+    if args.prompt is not None:
+        from resq_jax.eval.generate import generate_greedy
+
+        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+        cache = None if new_cache is None else new_cache(len(ids) + args.max_new_tokens)
+        new = generate_greedy(model, ids, args.max_new_tokens, hooks=hooks, eos_token_id=config.eos_token_id,
+                              cache=cache)
+        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+
+    if evals:
+        from resq_jax.eval.perplexity import perplexity
+
+        ppl, secs = {}, 0.0
+        for name, windows in evals.items():
+            res = perplexity(model, windows, batch_size=args.batch_size, hooks=hooks,
+                             progress=False if args.quiet else f"eval {name}")
+            ppl[name] = res.ppl
+            secs += res.seconds
+            log(f"{name}: ppl {res.ppl:.4f} over {windows.shape[0]} x {windows.shape[1]} tokens "
+                f"({res.tokens_per_second:.0f} tok/s)")
+        run = {"method": method, "config": qconfig, "ppl": ppl, "eval_path": eval_path,
+               "seconds": {"calibrate": 0.0, "quantize": 0.0, "evaluate": secs}}
+        print(format_table(source, [run]) if method != "none" else
+              "\n".join([f"model: {source}"] + [f"ppl {k}: {v:.4f}" for k, v in ppl.items()]))
+        if args.json:
+            write_json_atomic(args.json, {"model": source, "runs": [run],
+                                              "eval": {"windows": args.eval_windows, "seq_len": args.eval_seq_len}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

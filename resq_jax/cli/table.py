@@ -1,0 +1,61 @@
+"""The printed perplexity table: one row per run, one column per text, labels that describe what ran.
+"""
+from __future__ import annotations
+
+import math
+
+
+def format_table(model: str, runs: list[dict], baseline: str = "none") -> str:
+    """Plain-text perplexity table, one row per run, one column per text (+ ratio to fp)."""
+    texts = list(dict.fromkeys(t for r in runs for t in r["ppl"]))
+    base = next((r["ppl"] for r in runs if r["method"] == baseline), None)
+    header = ["method", "config", "w bits", "eval"] + [f"ppl {t}" for t in texts] + (
+        [f"x fp ({texts[0]})"] if base else [])
+    rows = []
+    for r in runs:
+        cfg = r["config"]
+        bits = r.get("weight_bits")
+        row = [_label(r["method"]), _describe(r["method"], cfg), "-" if bits is None else f"{bits:.2f}",
+               r.get("eval_path", "-")]
+        row += [_fmt(r["ppl"].get(t)) for t in texts]
+        if base:
+            row.append(f"{r['ppl'][texts[0]] / base[texts[0]]:.2f}")
+        rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([f"model: {model}", line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _describe(method: str, cfg: dict) -> str:
+    """A short config label: W4A4KV4 hi=0.125@8b gptq, or W4A8 mxint r32 for the MXINT recipes."""
+    if method == "none":
+        return "float32"
+    off = lambda b: b is None or b >= 16  # noqa: E731
+    kv = "" if off(cfg.get("kv_bits")) else f"KV{cfg['kv_bits']}"
+    text = f"W{cfg['w_bits']}A{cfg['a_bits']}{kv}"
+    if cfg.get("w_format") is not None:
+        text += f" {cfg['w_format']}" + (f" g{cfg['group_size']}" if cfg.get("group_size") else "")
+    else:
+        if cfg.get("high_fraction"):
+            text += f" hi={cfg['high_fraction']:g}@{cfg['high_bits']}b"
+        text += f" {cfg['weight_quantizer']}" + ("+clip" if cfg.get("clip_search") else "")
+        if cfg["weight_quantizer"] == "gptq":
+            from resq_jax.quant.gptq import DEFAULT_DAMP
+
+            text += ("+act" if cfg.get("act_order") else "") + (
+                f" damp={cfg['damp']:g}" if cfg.get("damp", DEFAULT_DAMP) != DEFAULT_DAMP else "")
+    if cfg.get("rank"):
+        text += f" r{cfg['rank']}"
+    if not off(cfg.get("embed_bits")):
+        text += f" E{cfg['embed_bits']}"
+    return text
+
+
+def _label(method: str) -> str:
+    return "fp" if method == "none" else method
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if math.isfinite(v) and v < 1e6 else f"{v:.3g}"

@@ -1,0 +1,210 @@
+"""The quantize orchestration: prepare -> calibrate -> transforms -> fuse -> quantize weights ->
+embeddings, for one recipe, streaming the model layer by layer where a stage allows it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Mapping
+import numpy as np
+from resq_jax.models.config import ModelConfig
+from resq_jax.rotation import fusion
+from resq_jax.calibration.statistics import CalibrationStats, calibrate
+from resq_jax.quant.layouts import ActivationSpec, WeightSpec
+from resq_jax.formats.bits import OFF
+from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
+from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
+from resq_jax.quant.lqer import int_lowrank_codes, lqer_quantize_weights
+from resq_jax.transforms.pca import high_rank
+from resq_jax.transforms.hadamard import hadamard_factor
+from resq_jax.pipeline.recipes import LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe, uses_gptq
+from resq_jax.rotation.transforms import Transforms, apply_transforms, quarot_transforms, resq_transforms
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    config: ModelConfig
+    weights: dict[str, np.ndarray]
+    hooks: FakeQuantHooks
+    qconfig: QuantConfig
+    transforms: Transforms
+    seconds: dict[str, float]
+    stats: CalibrationStats | None = None
+    details: dict = dataclasses.field(default_factory=dict)  # e.g. GPTQ seconds per layer
+    # the weight quantizer's integer codes: {"layers.{i}.{name}": WeightCodes}, rows in
+    # fake_quant.linear_high_rows order (what resq_jax.runtime.pack_model packs); empty if unquantized
+    codes: dict = dataclasses.field(default_factory=dict)
+
+
+def activation_spec(config: ModelConfig, qc: QuantConfig) -> ActivationSpec:
+    """Activation/KV quantizers; q/k are modeled in int8 around the online key rotation only
+    when the recipe has one and activations or KV are quantized at all."""
+    r = high_rank(config.hidden_size, qc.fraction)
+    r_h = high_rank(config.head_dim, qc.fraction)
+    quantizing = min(qc.a_bits, qc.kv_bits) < OFF
+    return ActivationSpec(a_bits=qc.a_bits, kv_bits=qc.kv_bits, down_bits=qc.a_bits, high_bits=qc.high_bits,
+                          high_residual=r, high_head=r_h,
+                          lowrank_bits=LOWRANK_BITS if qc.rank_used and qc.a_bits < OFF else OFF,
+                          qk_bits=qc.recipe.qk_bits if qc.recipe.key != "none" and quantizing else OFF)
+
+
+def weight_spec(config: ModelConfig, qc: QuantConfig) -> WeightSpec:
+    return WeightSpec(w_bits=qc.w_bits, high_bits=qc.high_bits,
+                      high_residual=high_rank(config.hidden_size, qc.fraction),
+                      high_head=high_rank(config.head_dim, qc.fraction), clip_search=qc.clip_search)
+
+
+def check_hadamard_sizes(config: ModelConfig, recipe: Recipe):
+    """Fail before any work when a needed Hadamard size has no construction."""
+    sizes = []
+    if recipe.down_hadamard:
+        sizes.append(config.intermediate_size)
+    if recipe.residual == "random_hadamard":
+        sizes.append(config.hidden_size)
+    if "hadamard" in (recipe.value, recipe.key):
+        sizes.append(config.head_dim)
+    for n in sizes:
+        hadamard_factor(n)
+
+
+def _int_lowrank(config: ModelConfig, w_float: Mapping[str, np.ndarray], w_q: Mapping[str, np.ndarray],
+                 qc: QuantConfig, calib_windows: np.ndarray, progress: bool, seconds: dict) -> tuple[dict, dict]:
+    """L2QER correction of integer-quantized (e.g. ResQ) weights: the scale comes from the
+    activation magnitudes of the transformed float model (a second calibration pass), the
+    error is against the transformed float weights; A, B are int8. Returns (weights with the
+    ``_lr_a`` / ``_lr_b`` matrices, their WeightCodes)."""
+    from resq_jax.models.streaming import LayerStreamer
+
+    t0 = time.perf_counter()
+    abs_mean = None
+    if qc.recipe.lowrank == "l2qer":
+        abs_mean = calibrate(LayerStreamer.from_weights(config, w_float), calib_windows, progress=progress).abs_mean
+    seconds["calibrate"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = int_lowrank_codes(config, w_float, w_q, qc.rank_used, abs_mean, bits=LOWRANK_BITS)
+    seconds["quantize"] += time.perf_counter() - t0
+    return out
+
+
+def check_rank(config: ModelConfig, qc: QuantConfig):
+    """Fail before any work when the low-rank correction's rank exceeds a linear's min(d_in, d_out)."""
+    k = qc.rank_used
+    limit = min(config.hidden_size, config.kv_size, config.q_size, config.intermediate_size)
+    if k > limit:
+        raise QuantConfigError(f"--rank {k} is larger than min(d_in, d_out) = {limit} of this model's smallest "
+                               f"linear (k/v: [{config.hidden_size}, {config.kv_size}]); use --rank <= {limit}")
+
+
+def check_embed_quantization(config: ModelConfig, qc: QuantConfig) -> int:
+    """The embedding tables' group size when ``qc`` quantizes them (0: kept in float); fails
+    before any work for a group that does not divide the hidden size or a float-weight method."""
+    if qc.embed_bits >= OFF:
+        return 0
+    if not qc.recipe.quantize:
+        raise QuantConfigError(f"method {qc.method!r} leaves the model in float; --embed-bits applies to the "
+                               "quantizing methods")
+    try:
+        return check_embed_settings(qc.embed_bits, qc.embed_group, config.hidden_size)
+    except EmbeddingConfigError as e:
+        raise QuantConfigError(str(e)) from None
+
+
+def weight_bits(config: ModelConfig, qc: QuantConfig) -> float:
+    """Average storage bits per decoder-linear weight, the low-rank correction included
+    (scales and exponents included for MXINT: 8 bits per block of 16); 16 when unquantized."""
+    d, ffn, q, kv, hd = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size, config.head_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
+    n = sum(a * b for a, b in shapes)
+    if not qc.recipe.quantize or qc.w_bits >= OFF:
+        return 16.0
+    if qc.recipe.formats == "mxint":
+        spec = qc.lqer_spec()
+        per = spec.w_bits + (8.0 / spec.block if spec.w_format == "mxint" else 16.0 / (spec.group_size or 1e9))
+        lowrank_bits = spec.lowrank_width + 8.0 / spec.block
+        base = per * n
+    else:
+        r, r_h = high_rank(d, qc.fraction), high_rank(hd, qc.fraction)
+        high_rows = {0: r, 1: r, 2: r, 3: config.num_heads * r_h, 4: r, 5: r, 6: 0}
+        base = sum((a - high_rows[i]) * b * qc.w_bits + high_rows[i] * b * qc.high_bits
+                   for i, (a, b) in enumerate(shapes))
+        lowrank_bits = LOWRANK_BITS
+    base += qc.rank_used * sum(a + b for a, b in shapes) * lowrank_bits
+    return base / n
+
+
+def prepare(config: ModelConfig, weights: Mapping[str, np.ndarray],
+            recipe: Recipe) -> tuple[ModelConfig, Mapping[str, np.ndarray]]:
+    """Untie and fold norms when the recipe rotates the residual stream: a view computed per
+    entry on access (``fusion.FoldedWeights``), so calibration streams the folded layers
+    without a second copy of the model; ``apply_transforms`` materializes it."""
+    if not recipe.fold_norms:
+        return config, dict(weights)
+    view = fusion.FoldedWeights(config, weights)
+    return view.untied_config, view
+
+
+def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: QuantConfig,
+                   calib_windows: np.ndarray | None = None, *, stats: CalibrationStats | None = None,
+                   progress: bool = True, log: Callable[[str], None] = lambda s: None) -> QuantizedModel:
+    """The whole pipeline for one recipe: prepare -> calibrate -> transforms -> fuse -> quantize."""
+    from resq_jax.models.streaming import LayerStreamer
+
+    recipe = qc.recipe
+    check_hadamard_sizes(config, recipe)
+    check_rank(config, qc)
+    embed_group = check_embed_quantization(config, qc)
+    source_config, source_weights = config, weights
+    seconds = {"calibrate": 0.0, "projections": 0.0, "fuse": 0.0, "quantize": 0.0}
+    details: dict = {}
+    codes: dict = {}
+    config, w = prepare(config, weights, recipe)
+    transforms = Transforms()
+    if calib_windows is None and ((recipe.needs_calibration and stats is None) or uses_gptq(qc)):
+        raise QuantConfigError(f"method {qc.method!r} needs calibration windows")
+    if recipe.needs_calibration and stats is None:
+        t0 = time.perf_counter()
+        stats = calibrate(LayerStreamer.from_weights(config, w), calib_windows, progress=progress)
+        seconds["calibrate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if recipe.residual == "pca":
+        transforms = resq_transforms(config, stats, qc.fraction, qc.seed)
+    elif recipe.residual == "random_hadamard":
+        transforms = quarot_transforms(config, qc.seed)
+    seconds["projections"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    w = apply_transforms(config, w, transforms)
+    seconds["fuse"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if recipe.formats == "mxint":
+        spec = qc.lqer_spec()
+        hooks = spec.hooks()
+        w = lqer_quantize_weights(config, w, spec, stats.abs_mean if spec.scaled and spec.rank else None)
+        seconds["quantize"] = time.perf_counter() - t0
+    else:
+        hooks = FakeQuantHooks(activation_spec(config, qc)) if recipe.quantize else FakeQuantHooks(ActivationSpec())
+        w_float = w
+        if recipe.quantize:
+            from resq_jax.quant import weights as weight_quantization
+
+            if uses_gptq(qc):
+                qw = weight_quantization.gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc),
+                                                            act_order=qc.act_order, damp=qc.damp,
+                                                            progress=progress, timings=details)
+            else:
+                qw = weight_quantization.rtn_weights_codes(config, w, weight_spec(config, qc))
+            w, codes = qw.weights, qw.codes
+            if hooks.spec.qk_bits < OFF and transforms.key is not None:
+                w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)
+        seconds["quantize"] = time.perf_counter() - t0
+        if recipe.quantize and qc.rank_used:
+            w, lr_codes = _int_lowrank(config, w_float, w, qc, calib_windows, progress, seconds)
+            codes = {**codes, **lr_codes}
+    if embed_group:
+        tied = source_config.tie_word_embeddings and "lm_head" in w  # untied + folded here: derive the head
+        w, codes["embed"] = quantize_embeddings(w, qc.embed_bits, embed_group,
+                                                tied_gain=np.asarray(source_weights["norm"]) if tied else None,
+                                                basis=transforms.residual, clip_search=qc.clip_search)
+    details["weight_bits"] = weight_bits(config, qc)
+    log(f"{qc.method}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    return QuantizedModel(config=config, weights=w, hooks=hooks, qconfig=qc, transforms=transforms,
+                          seconds=seconds, stats=stats, details=details, codes=codes)

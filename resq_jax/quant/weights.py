@@ -1,0 +1,220 @@
+"""Weight quantization of every decoder linear: RTN, or GPTQ with streamed Hessians.
+
+GPTQ (docs/algorithms.md, GPTQ) streams the model layer by layer over calibration windows.
+Inside a layer each linear's Hessian comes from the inputs produced by the already
+quantized earlier parts of the layer, in the order [q, k, v] -> [o] -> [gate, up] -> [down];
+the next layer is fed the outputs of the fully quantized layer. Activations stay in float
+while collecting Hessians (online transforms, such as the down_proj Hadamard and the key
+rotation, are part of the model and do apply).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resq_jax.models.config import ModelConfig
+from resq_jax.models.decoder import IDENTITY, site_recorder
+from resq_jax.models.streaming import LayerStreamer
+from resq_jax.quant.gptq import gram, DEFAULT_DAMP
+from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
+from resq_jax.formats.bits import OFF
+from resq_jax.formats.integer import WeightCodes, dequantize_weight, quantize_weight_sym
+from resq_jax.util.progress import progress_bar
+
+# (site whose inputs feed the linears, the linears) in the order GPTQ visits them
+GPTQ_ORDER = (("attn_in", ("q", "k", "v")), ("o_in", ("o",)), ("mlp_in", ("gate", "up")), ("down_in", ("down",)))
+
+
+@dataclasses.dataclass
+class QuantizedWeights:
+    """A weights dict with every decoder linear quantized, and the quantizer's integer codes.
+
+    weights: the input dict with ``layers.{i}.{name}`` replaced by its dequantized float32
+             weights [d_in, d_out] in the original row order (what the fake-quant model runs).
+    codes:   {"layers.{i}.{name}": WeightCodes} in the row order of ``linear_high_rows`` (o_proj's
+             rows permuted so every head's high rows come last; identity for the others), such
+             that ``dequantize_weight(codes)`` un-permuted equals ``weights`` exactly. Empty when
+             weights are not quantized (w_bits >= 16).
+    """
+
+    weights: dict
+    codes: dict[str, WeightCodes]
+
+
+def _unpermute(rows: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+    """rows: [d_in, d_out] in ``perm`` order -> the original row order."""
+    if perm is None:
+        return rows
+    out = np.empty_like(rows)
+    out[perm] = rows
+    return out
+
+
+def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: WeightSpec) -> QuantizedWeights:
+    """Every decoder linear quantized with round-to-nearest (embeddings, lm_head untouched)."""
+    out = dict(weights)
+    codes: dict[str, WeightCodes] = {}
+    if spec.w_bits >= OFF:
+        return QuantizedWeights(out, codes)
+    for i in range(config.num_layers):
+        for name in LINEARS:
+            key = f"layers.{i}.{name}"
+            perm, high = linear_high_rows(config, name, spec)
+            w = np.asarray(weights[key], np.float32)
+            codes[key] = quantize_weight_sym(jnp.asarray(w if perm is None else w[perm]), spec.w_bits,
+                                             spec.high_bits, high, spec.clip_search)
+            out[key] = _unpermute(np.asarray(dequantize_weight(codes[key])), perm)
+    return QuantizedWeights(out, codes)
+
+
+# The four stages of one layer, each a jitted function of the layer (graphdef, state) and the
+# cached output of the previous stage, so the layer's float work over all windows is done about
+# once and a half (gate/up twice) instead of once per Hessian.
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_attn_in(graphdef, state, x, rope, positions):
+    """x: [B, T, d] layer input -> Hessian sum of the q/k/v input (RMSNorm output)."""
+    site, sites = site_recorder(IDENTITY, ("attn_in",))
+    cos, sin = rope
+    nnx.merge(graphdef, state).attention(x, cos, sin, positions, IDENTITY, site=site)  # only attn_in is kept
+    return gram(sites["attn_in"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_o_in(graphdef, state, x, rope, positions):
+    """x: [B, T, d] -> (a: [B, T, H, hd] attention output with the quantized q/k/v, its Hessian sum)."""
+    cos, sin = rope
+    a, _ = nnx.merge(graphdef, state).attention(x, cos, sin, positions, IDENTITY)
+    return a, gram(a.reshape(*a.shape[:2], -1))  # [B, T, heads * hd]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_mlp_in(graphdef, state, x, a):
+    """x: [B, T, d], a: [B, T, H, hd] -> (x + o_proj(a) with the quantized o_proj, Hessian sum of
+    the gate/up input)."""
+    layer = nnx.merge(graphdef, state)
+    x1 = layer.attention_residual(x, a)
+    site, sites = site_recorder(IDENTITY, ("mlp_in",))
+    layer.mlp(x1, IDENTITY, site)  # only mlp_in is kept
+    return x1, gram(sites["mlp_in"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_down_in(graphdef, state, x1):
+    """x1: [B, T, d] -> Hessian sum of the down_proj input (with the quantized gate/up)."""
+    site, sites = site_recorder(IDENTITY, ("down_in",))
+    nnx.merge(graphdef, state).mlp(x1, IDENTITY, site)  # the down_proj product is dropped
+    return gram(sites["down_in"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stage_out(graphdef, state, x1):
+    """x1: [B, T, d] -> the layer's output x1 + mlp(x1) with every linear quantized."""
+    return x1 + nnx.merge(graphdef, state).mlp(x1, IDENTITY)
+
+
+def _split_codes(c: WeightCodes, cuts: np.ndarray) -> list[WeightCodes]:
+    """Codes of linears quantized side by side (outputs concatenated, split at column ``cuts``)
+    -> one WeightCodes each."""
+
+    def split(a):
+        return [None] * (len(cuts) + 1) if a is None else jnp.split(a, cuts, axis=-1)
+
+    parts = zip(split(c.q_low), split(c.scale_low), split(c.q_high), split(c.scale_high))
+    return [dataclasses.replace(c, q_low=a, scale_low=b, q_high=d, scale_high=e) for a, b, d, e in parts]
+
+
+def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: np.ndarray,
+                spec: WeightSpec, act_order: bool, damp: float) -> None:
+    """GPTQ the linears ``names`` of layer i, which share the input whose Hessian is h, in one
+    call on their side-by-side weights (columns are independent given H and the scales: one
+    Cholesky and one sweep), writing the dequantized weights into ``out`` and codes into ``codes``."""
+    from resq_jax.quant.gptq import gptq_quantize
+
+    perm, high = linear_high_rows(config, names[0], spec)
+    for name in names[1:]:
+        p2, h2 = linear_high_rows(config, name, spec)
+        if h2 != high or (perm is None) != (p2 is None) or (perm is not None and not np.array_equal(perm, p2)):
+            raise AssertionError(f"linears {names} share an input but not its precision layout")
+    keys = [f"layers.{i}.{name}" for name in names]
+    ws = [np.asarray(out[k], np.float32) for k in keys]
+    cuts = np.cumsum([w.shape[1] for w in ws])[:-1]
+    res = gptq_quantize(np.concatenate(ws, axis=1), h, low_bits=spec.w_bits, high_bits=spec.high_bits,
+                        high_rows=high, row_perm=perm, act_order=act_order, damp=damp,
+                        clip_search=spec.clip_search)
+    w_q = np.asarray(res.w_q, np.float32)
+    for k, w_part, c in zip(keys, np.split(w_q, cuts, axis=1), _split_codes(res.codes, cuts)):
+        out[k] = w_part
+        codes[k] = c
+
+
+def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
+                       spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, damp: float = DEFAULT_DAMP,
+                       progress: bool = True,
+                       timings: dict | None = None) -> QuantizedWeights:
+    """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]; the codes
+    are GPTQResult.codes (act_order permutes rows inside GPTQ only: its codes come back in
+    ``linear_high_rows`` order, see gptq.gptq_quantize).
+
+    Per layer, over every batch of windows: the q/k/v Hessian from the layer input; quantize
+    q/k/v; the attention output a (cached per batch) and the o_proj Hessian; quantize o; the
+    residual x1 = x + o(a) (cached) and the gate/up Hessian; quantize gate/up; the down_proj
+    Hessian from x1; quantize down; the next layer's input x1 + mlp(x1)."""
+    out = dict(weights)
+    codes: dict[str, WeightCodes] = {}
+    if spec.w_bits >= OFF:
+        return QuantizedWeights(out, codes)
+    windows = np.asarray(windows, np.int32)
+    streamer = LayerStreamer.from_weights(config, out)  # embeddings only: layers are built below
+    positions, rope = streamer.rope(windows.shape[1])
+    xs = [streamer.embed(jnp.asarray(windows[s:s + batch_size])) for s in range(0, len(windows), batch_size)]
+    scale = 2.0 / windows.size
+    bar = progress_bar(config.num_layers, "gptq", unit="layer") if progress else None
+    per_layer = []
+
+    def total(parts):
+        return np.asarray(functools.reduce(jnp.add, parts), np.float32) * scale
+
+    def split():
+        return nnx.split(_layer(config, out, i))
+
+    for i in range(config.num_layers):
+        t0 = time.perf_counter()
+        g, s = split()
+        _gptq_group(out, codes, config, i, ("q", "k", "v"),
+                    total([_stage_attn_in(g, s, x, rope, positions) for x in xs]), spec, act_order, damp)
+        g, s = split()
+        a_h = [_stage_o_in(g, s, x, rope, positions) for x in xs]
+        _gptq_group(out, codes, config, i, ("o",), total([h for _, h in a_h]), spec, act_order, damp)
+        g, s = split()
+        x1_h = [_stage_mlp_in(g, s, x, a) for x, (a, _) in zip(xs, a_h)]
+        del a_h
+        _gptq_group(out, codes, config, i, ("gate", "up"), total([h for _, h in x1_h]), spec, act_order, damp)
+        x1s = [x1 for x1, _ in x1_h]
+        del x1_h
+        g, s = split()
+        _gptq_group(out, codes, config, i, ("down",), total([_stage_down_in(g, s, x1) for x1 in x1s]),
+                    spec, act_order, damp)
+        g, s = split()
+        xs = [_stage_out(g, s, x1) for x1 in x1s]
+        del x1s
+        per_layer.append(time.perf_counter() - t0)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if timings is not None:
+        timings["gptq_per_layer"] = per_layer
+    return QuantizedWeights(out, codes)
+
+
+def _layer(config: ModelConfig, weights: Mapping[str, np.ndarray], i: int):
+    from resq_jax.models.decoder import DecoderLayer
+
+    return DecoderLayer(config, weights, i)

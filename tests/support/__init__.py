@@ -1,0 +1,1 @@
+"""Test-only tooling (needs torch or a CUDA-enabled Triton): not part of the installed package."""
