@@ -1,6 +1,6 @@
 // Shared helpers for the Hadamard XLA FFI handlers (CPU and CUDA).
 //
-// Transform (docs/algorithms.md, Hadamard sizes; resq_jax/projections.py): for x: [rows, n] with
+// Transform (docs/algorithms.md, Hadamard sizes; resq_jax/transforms/fwht.py): for x: [rows, n] with
 // n = K * M, M = 2^m, each row is viewed as z: [K, M] (K index slowest);
 //   z <- z @ H_M                    (unnormalized Sylvester, symmetric, natural order)
 //   y[k, :] = sum_j A[k, j] z[j, :]  with A = H_K (transpose=false) or H_K^T (transpose=true)

@@ -4,7 +4,7 @@
 //
 // x: [..., n] float32 / bfloat16 / float16 (dense row-major, rows = product of the leading
 // dims), H_K: float32 [K, K] (leading dims of size 1 allowed, as added by vmap), y: like x.
-// Numerics follow resq_jax.projections.hadamard_transform: float32 accumulation, the Sylvester
+// Numerics follow resq_jax.transforms.fwht.hadamard_transform: float32 accumulation, the Sylvester
 // butterflies in natural order (bitwise the same adds as the jnp reference), then the K x K
 // product, then one multiply by float32(1 / sqrt(n)), then rounding to the output dtype
 // (round to nearest even).

@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from resq_jax.models.config import ModelConfig
-from resq_jax.util.precision import EXACT
 from resq_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
+from resq_jax.util.precision import EXACT
 
 SITES = ("attn_in", "q_rope", "k_rope", "q", "k", "v", "o_in", "mlp_in", "down_in")
 

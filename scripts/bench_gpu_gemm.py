@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

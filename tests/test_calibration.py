@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
+from resq_jax.calibration.statistics import calibrate
 from resq_jax.models.decoder import from_weights
 from resq_jax.models.loaders import load_model
-from resq_jax.calibration.statistics import calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,9 +165,9 @@ _SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     import jax
-    from models.loaders import load_model
-    from models.decoder import from_weights
-    from resq_jax.calibration import calibrate
+    from resq_jax.models.loaders import load_model
+    from resq_jax.models.decoder import from_weights
+    from resq_jax.calibration.statistics import calibrate
     loaded = load_model({folder!r}, with_tokenizer=False)
     windows = np.random.default_rng(1).integers(0, loaded.config.vocab_size, (8, 24))
     stats = calibrate(from_weights(loaded.config, loaded.weights), windows, progress=False)

@@ -16,10 +16,17 @@ import pytest
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
 from resq_jax.models.decoder import from_weights
 from resq_jax.models.loaders import load_model
-from resq_jax.runtime.checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, load_packed,
-                                         save_fake_quant, save_packed)
-from resq_jax.pipeline.recipes import QuantConfig
 from resq_jax.pipeline.quantize import quantize_model
+from resq_jax.pipeline.recipes import QuantConfig
+from resq_jax.runtime.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    load_packed,
+    save_fake_quant,
+    save_packed,
+)
 from resq_jax.runtime.pack import pack_model, packed_decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,7 +199,7 @@ def test_truncated_or_flipped_file(saved, tmp_path):
 CHILD = r"""
 import sys, time
 sys.path.insert(0, {root!r})
-from resq_jax.checkpoint import load_packed, save_packed
+from resq_jax.runtime.checkpoint import load_packed, save_packed
 pm = load_packed({src!r}).model
 print("go", flush=True)
 save_packed({dst!r}, pm, force=True)

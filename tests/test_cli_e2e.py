@@ -75,8 +75,8 @@ def test_checkpoint_reproduces_the_reported_perplexity(quantized):
 
 
 def test_generation_is_the_checkpoints_greedy_continuation(quantized):
-    from resq_jax.runtime.checkpoint import load_checkpoint
     from resq_jax.eval.generate import generate_greedy
+    from resq_jax.runtime.checkpoint import load_checkpoint
     from resq_jax.runtime.kv_cache import init_packed_cache
     from resq_jax.runtime.pack import packed_decoder
 

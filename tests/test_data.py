@@ -15,15 +15,23 @@ import zipfile
 
 import numpy as np
 import pytest
-from resq_jax.data.extract import wiki_from_xml, wikitext_to_article
+
 from resq_jax.data import fetch
-from resq_jax.data.fetch import EXTRACTOR_VERSION, LEE_MEMBER, WIKI_MEMBER
-from resq_jax.util.files import cache_dir
-from resq_jax.data.texts import BUILTIN_TEXTS, DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, OFFLINE_TEXTS, TextSource, article_heading_offsets, load_text, split_calib_eval, text_stats
-from resq_jax.data.fetch import TextSourceError
+from resq_jax.data.extract import wiki_from_xml, wikitext_to_article
+from resq_jax.data.fetch import EXTRACTOR_VERSION, LEE_MEMBER, WIKI_MEMBER, TextSourceError
+from resq_jax.data.texts import (
+    BUILTIN_TEXTS,
+    DEFAULT_CALIB_TEXT,
+    DEFAULT_EVAL_TEXT,
+    OFFLINE_TEXTS,
+    TextSource,
+    article_heading_offsets,
+    load_text,
+    split_calib_eval,
+    text_stats,
+)
 from resq_jax.data.windows import ALL_WINDOWS, TextTooShortError, calib_windows, eval_windows, max_windows, tokenize
-
-
+from resq_jax.util.files import cache_dir
 
 # ----------------------------------------------------------------------------- built-in texts
 

@@ -97,17 +97,17 @@ def test_streamer_from_weights_builds_layers_lazily_and_equals_the_model(tmp_pat
 
     "One layer at a time" is checked on the device's live arrays (jax.live_arrays(), layer
     weights recognised by content, counted in bytes): none of the layer weights is on the device
-    after from_weights returns; while layer i runs (a spy on models.runner.layer_apply) the
+    after from_weights returns; while layer i runs (a spy on models.streaming.layer_apply) the
     live layer-weight bytes are exactly layer i's (the embeddings / head are not layer arrays);
     after the forward none is left. A streamer that built every layer up front fails the first
     check, one that kept the layers it had built the second. The seed is one no other test
     uses, so another test's model cannot share the fingerprints."""
     from hf_fixtures import build_torch_model, tiny_qwen2_config
+    from resq_jax.calibration.statistics import calibrate
     from resq_jax.models import streaming as runner
     from resq_jax.models.decoder import from_weights
     from resq_jax.models.loaders import load_model
     from resq_jax.models.streaming import LayerStreamer
-    from resq_jax.calibration.statistics import calibrate
 
     build_torch_model(tiny_qwen2_config(tied=False), seed=17).save_pretrained(tmp_path)
     m = load_model(str(tmp_path), with_tokenizer=False)

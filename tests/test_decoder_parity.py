@@ -1,13 +1,13 @@
 """Our Flax decoder against transformers (torch, float32) on tiny random models saved with save_pretrained."""
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config, torch_logits
+from resq_jax.eval.generate import generate_greedy
 from resq_jax.models.decoder import from_weights, init_cache
 from resq_jax.models.loaders import load_model
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.eval.generate import generate_greedy
 
 CASES = {
     "llama-gqa-llama3-tied": lambda: tiny_llama_config(tied=True, llama3=True),

@@ -1,4 +1,4 @@
-"""Quantized embeddings (resq_jax/embeddings.py): exact codes against an independent torch
+"""Quantized embeddings (resq_jax/quant/embeddings.py): exact codes against an independent torch
 reference, the tied head derived from one table equals the float model's head, the fake-quant
 and packed paths use the same tables bit for bit, checkpoints round-trip, bad settings fail
 early, and the SmolLM2 checkpoint is >= 3.5x smaller than its float16 weights at 4 bits."""
@@ -11,12 +11,12 @@ import torch
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
 from resq_jax.models.loaders import load_model
-from resq_jax.runtime.checkpoint import load_packed, save_packed
-from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_table, tied_head
-from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
 from resq_jax.pipeline.quantize import quantize_model
-from resq_jax.transforms.orthogonal import block_diag_rotation
+from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
+from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_table, tied_head
+from resq_jax.runtime.checkpoint import load_packed, save_packed
 from resq_jax.runtime.pack import pack_model, packed_decoder
+from resq_jax.transforms.orthogonal import block_diag_rotation
 
 
 def _torch_reference(t: np.ndarray, bits: int, group: int):
@@ -164,8 +164,8 @@ def test_float_method_refuses_embed_bits(llama):
 def test_smollm2_checkpoint_ratio_at_4_bit_embeddings(tmp_path):
     """ResQ W4A4KV4 (RTN) with 4-bit embeddings: the packed checkpoint (projections included)
     against the float16 weights of SmolLM2 (134.5M parameters, one tied table)."""
-    from resq_jax.data.windows import calib_windows, tokenize
     from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import calib_windows, tokenize
 
     m = load_model("smollm2")
     calib = calib_windows(tokenize(load_text("wiki-calib").text, m.tokenizer), 4, 64, seed=0)

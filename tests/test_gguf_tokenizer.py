@@ -17,10 +17,14 @@ import numpy as np
 import pytest
 import regex
 
-from resq_jax.models import loaders
-from resq_jax.models.gguf_tokenizer import (PRE_TOKENIZER_SPLITS, GGUFTokenizerError, gguf_tokenizer_metadata,
-                                            tokenizer_from_gguf_metadata)
 from resq_jax.data.texts import builtin_text
+from resq_jax.models import loaders
+from resq_jax.models.gguf_tokenizer import (
+    PRE_TOKENIZER_SPLITS,
+    GGUFTokenizerError,
+    gguf_tokenizer_metadata,
+    tokenizer_from_gguf_metadata,
+)
 
 MIXED = ("<|im_start|>user\nHi 😀👍🏽 🇺🇸 中文字符テスト 한국어 naïve café Ελληνικά\t\t  x = [1, 22, 333, 4444, 55555]\n\n\n"
          "   def f(a, b):\n\treturn a ** 2 + b  # it's 3.14159, they'll've\r\n\r\n<|im_end|><|endoftext|>"
@@ -150,9 +154,9 @@ def test_pre_tokenizer_matches_llama_cpp_regexes(pre):
 
 
 def test_byte_alphabet_is_gpt2s():
-    from resq_jax.models.gguf_tokenizer import _byte_alphabet
-
     from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from resq_jax.models.gguf_tokenizer import _byte_alphabet
 
     t = _byte_alphabet()
     assert t == bytes_to_unicode()

@@ -1,4 +1,4 @@
-"""GPTQ (resq_jax/gptq.py): parity with an independent float64 NumPy GPTQ, error reduction versus
+"""GPTQ (resq_jax/quant/gptq.py): parity with an independent float64 NumPy GPTQ, error reduction versus
 RTN (random and real SmolLM2 layers), dead inputs, damping retries, argument errors, jit/loop
 structure."""
 from __future__ import annotations
@@ -11,9 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resq_jax.quant.gptq import (GPTQDampingWarning, GPTQError, gptq_error, gptq_quantize, gptq_sweep, 
-                                 hessian_init, hessian_update)
 from resq_jax.formats.integer import dequantize_weight, fake_quant_weight, weight_scales
+from resq_jax.quant.gptq import (
+    GPTQDampingWarning,
+    GPTQError,
+    gptq_error,
+    gptq_quantize,
+    gptq_sweep,
+    hessian_init,
+    hessian_update,
+)
 from resq_jax.quant.layouts import head_high_last_permutation
 
 # ----------------------------------------------------------------------------------------------
@@ -269,10 +276,10 @@ SITE_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": 
 def smollm2():
     """(model, streamer, token ids of the first 400k characters of the built-in Wikipedia
     calibration text)."""
-    from resq_jax.models.decoder import from_weights
-    from resq_jax.models.loaders import load_model
     from resq_jax.data.texts import load_text
     from resq_jax.data.windows import tokenize
+    from resq_jax.models.decoder import from_weights
+    from resq_jax.models.loaders import load_model
     from resq_jax.models.streaming import LayerStreamer
 
     m = load_model("smollm2")

@@ -15,16 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resq_jax.data.texts import load_text
+from resq_jax.data.windows import calib_windows, eval_windows, tokenize
+from resq_jax.eval.perplexity import perplexity
+from resq_jax.formats.integer import quantize_asym
+from resq_jax.kernels import hadamard as H
 from resq_jax.models.decoder import from_weights
 from resq_jax.models.loaders import load_model
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.data.windows import calib_windows, eval_windows, tokenize
-from resq_jax.data.texts import load_text
-from resq_jax.eval.perplexity import perplexity
-from resq_jax.kernels import hadamard as H
-from resq_jax.pipeline.recipes import QuantConfig
 from resq_jax.pipeline.quantize import quantize_model
-from resq_jax.formats.integer import quantize_asym
+from resq_jax.pipeline.recipes import QuantConfig
 
 IMPLS = ("ffi", "jnp", "dense")
 

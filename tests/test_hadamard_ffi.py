@@ -1,5 +1,5 @@
 """Native FFI Hadamard (resq_jax.kernels.hadamard, ffi/) against the jnp reference
-(resq_jax.projections.hadamard_transform) and the dense float64 matrix (projections.hadamard_matrix)."""
+(resq_jax.transforms.fwht.hadamard_transform) and the dense float64 matrix (transforms.hadamard.hadamard_matrix)."""
 
 from __future__ import annotations
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
+from resq_jax.calibration.statistics import calibrate
 from resq_jax.models.decoder import from_weights
 from resq_jax.models.loaders import load_model
-from resq_jax.rotation import fusion
-from resq_jax.calibration.statistics import calibrate
-from resq_jax.pipeline.recipes import QuantConfig
-from resq_jax.rotation.transforms import apply_transforms, quarot_transforms, resq_transforms
 from resq_jax.pipeline.quantize import prepare
+from resq_jax.pipeline.recipes import QuantConfig
+from resq_jax.rotation import fusion
+from resq_jax.rotation.transforms import apply_transforms, quarot_transforms, resq_transforms
 
 OFF = dict(w_bits=16, a_bits=16, kv_bits=16)
 

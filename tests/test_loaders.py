@@ -13,9 +13,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from resq_jax.models.config import ModelConfigError, RopeScaling
-from resq_jax.models.loaders import (LoadedModel, ModelLoadError, check_weights, default_gguf_path, from_hf_state_dict,
-                                     load_gguf, load_hf_folder, load_model, permute_rope_rows_gguf, to_hf_state_dict,
-                                     unpermute_rope_rows_gguf)
+from resq_jax.models.loaders import (
+    LoadedModel,
+    ModelLoadError,
+    check_weights,
+    default_gguf_path,
+    from_hf_state_dict,
+    load_gguf,
+    load_hf_folder,
+    load_model,
+    permute_rope_rows_gguf,
+    to_hf_state_dict,
+    unpermute_rope_rows_gguf,
+)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}

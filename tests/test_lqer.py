@@ -5,14 +5,25 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config
+from resq_jax.calibration.statistics import calibrate
+from resq_jax.formats.integer import fake_quant_weight
+from resq_jax.formats.mxint import fake_quant_mxint
 from resq_jax.models.decoder import SITES, from_weights
 from resq_jax.models.loaders import load_model
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.calibration.statistics import calibrate
-from resq_jax.quant.lqer import LINEAR_SITES, QUANTIZED_SITES, LQERSpec, MXIntHooks, correct_linear, l2qer_scale, lowrank_correction, lqer_quantize_weights, quantize_lowrank, quantize_weight
 from resq_jax.quant.layouts import LINEARS
-from resq_jax.formats.mxint import fake_quant_mxint
-from resq_jax.formats.integer import fake_quant_weight
+from resq_jax.quant.lqer import (
+    LINEAR_SITES,
+    QUANTIZED_SITES,
+    LQERSpec,
+    MXIntHooks,
+    correct_linear,
+    l2qer_scale,
+    lowrank_correction,
+    lqer_quantize_weights,
+    quantize_lowrank,
+    quantize_weight,
+)
 
 
 def _best_rank_k(m, k):
@@ -281,8 +292,8 @@ SMOL_LAYERS = (0, 15, 29)
 @pytest.fixture(scope="module")
 def smol_inputs():
     """Real layer inputs of SmolLM2 on 4 windows x 256 tokens of wiki-calib: {(layer, site): [4, 256, c]}."""
-    from resq_jax.data.windows import calib_windows, tokenize
     from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import calib_windows, tokenize
 
     m = load_model("smollm2")
     windows = calib_windows(tokenize(load_text("wiki-calib").text, m.tokenizer), 4, 256, seed=0)

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config
+from resq_jax.formats.integer import fake_quant_weight
 from resq_jax.models.decoder import from_weights
 from resq_jax.models.loaders import load_model
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.quant.lqer import int_lowrank_weights, lowrank_correction
-from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
 from resq_jax.pipeline.quantize import check_rank, quantize_model, weight_bits
-from resq_jax.formats.integer import fake_quant_weight
+from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
+from resq_jax.quant.lqer import int_lowrank_weights, lowrank_correction
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Every float dot that numbers depend on carries precision HIGHEST in its jaxpr (models/precision.py).
+"""Every float dot that numbers depend on carries precision HIGHEST in its jaxpr (resq_jax/util/precision.py).
 
 On the CPU the flag changes nothing, so no numeric test here could catch a missing one; on Ampere/Hopper
 GPUs a float32 dot without it runs in TF32. These tests read the traced programs instead: calibration's
@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resq_jax.calibration import statistics as calibration
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import IDENTITY, from_weights
 from resq_jax.models.loaders import expected_shapes
 from resq_jax.models.rope import rope_tables
 from resq_jax.models.streaming import LayerStreamer, head_nll
-from resq_jax.calibration import statistics as calibration
-from resq_jax.quant import gptq, weights as wq
+from resq_jax.quant import gptq
+from resq_jax.quant import weights as wq
 
 CFG = ModelConfig(arch="qwen2", vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
                   num_kv_heads=2, head_dim=8, rms_eps=1e-6, rope_theta=1e4, attention_bias=True)

@@ -1,4 +1,4 @@
-"""Tests for resq_jax.projections: Hadamard constructions, fast transforms, rotations, PCA helpers."""
+"""Tests for resq_jax.transforms: Hadamard constructions, fast transforms, rotations, PCA helpers."""
 
 import math
 
@@ -7,14 +7,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+
 from resq_jax.transforms.finite_fields import quadratic_character_table
 from resq_jax.transforms.fwht import fwht, hadamard_transform, hadamard_transform_np
-from resq_jax.transforms.hadamard import (HadamardSizeError, MAX_K, _GS_ORDERS, _choose_k, goethals_seidel,
-                                          hadamard_construction, hadamard_factor, hadamard_k, hadamard_matrix,
-                                          has_hadamard, paley1, paley2, substitute_orthogonal, sylvester)
+from resq_jax.transforms.hadamard import (
+    _GS_ORDERS,
+    MAX_K,
+    HadamardSizeError,
+    _choose_k,
+    goethals_seidel,
+    hadamard_construction,
+    hadamard_factor,
+    hadamard_k,
+    hadamard_matrix,
+    has_hadamard,
+    paley1,
+    paley2,
+    substitute_orthogonal,
+    sylvester,
+)
 from resq_jax.transforms.orthogonal import block_diag_rotation, random_orthogonal, randomized_hadamard
 from resq_jax.transforms.pca import damped_eigh, high_rank
-
 
 # K values from docs/algorithms.md, Constructions (plus powers of two), and the extra orders our size rule uses.
 TABLE_K = [1, 2, 4, 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172]

@@ -7,13 +7,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from resq_jax.formats.bits import check_bits
-from resq_jax.formats.integer import (dequantize_asym, dequantize_mixed, dequantize_weight, fake_quant_asym,
-                                      fake_quant_mixed, fake_quant_sym_tensor, fake_quant_weight,
-                                      fake_quant_with_scale, quantize_asym, quantize_mixed, quantize_weight_sym,
-                                      quantize_with_scale, weight_scales)
-from resq_jax.formats.mxint import dequantize_mxint, fake_quant_mxint, quantize_mxint
 
+from resq_jax.formats.bits import check_bits
+from resq_jax.formats.integer import (
+    dequantize_asym,
+    dequantize_mixed,
+    dequantize_weight,
+    fake_quant_asym,
+    fake_quant_mixed,
+    fake_quant_sym_tensor,
+    fake_quant_weight,
+    fake_quant_with_scale,
+    quantize_asym,
+    quantize_mixed,
+    quantize_weight_sym,
+    quantize_with_scale,
+    weight_scales,
+)
+from resq_jax.formats.mxint import dequantize_mxint, fake_quant_mxint, quantize_mxint
 
 F32 = np.float32
 

@@ -3,12 +3,11 @@ slow, CI skips them (run with ``python -m pytest -m slow tests/test_qwen_coder.p
 import pytest
 
 from hf_fixtures import transformers_gguf_perplexity
-
+from resq_jax.data.texts import load_text
+from resq_jax.data.windows import eval_windows, tokenize
+from resq_jax.eval.perplexity import perplexity
 from resq_jax.models.decoder import from_weights
 from resq_jax.models.loaders import load_model
-from resq_jax.data.windows import eval_windows, tokenize
-from resq_jax.data.texts import load_text
-from resq_jax.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 WINDOWS, SEQ = 8, 512

@@ -12,20 +12,20 @@ import pytest
 from flax import nnx
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config
+from resq_jax.eval.generate import generate_greedy
+from resq_jax.eval.perplexity import perplexity
+from resq_jax.formats.bits import OFF
+from resq_jax.formats.integer import fake_quant_mixed, quantize_mixed
 from resq_jax.models.decoder import from_weights
 from resq_jax.models.loaders import load_model
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.eval.generate import generate_greedy
-from resq_jax.eval.perplexity import perplexity
-from resq_jax.quant.layouts import LINEARS
-from resq_jax.formats.bits import OFF
-from resq_jax.pipeline.recipes import QuantConfig, setting_applies
 from resq_jax.pipeline.quantize import quantize_model, weight_spec
-from resq_jax.formats.integer import fake_quant_mixed, quantize_mixed
+from resq_jax.pipeline.recipes import QuantConfig, setting_applies
+from resq_jax.quant.layouts import LINEARS
+from resq_jax.quant.weights import rtn_weights_codes
+from resq_jax.runtime.kv_cache import dequantize_kv, init_packed_cache, quantize_kv
 from resq_jax.runtime.linear import PackedLinear, block_accumulator, exact_f32_rows, linear_accumulators
 from resq_jax.runtime.pack import PackError, integer_decoder, pack_model, packed_decoder
-from resq_jax.runtime.kv_cache import dequantize_kv, init_packed_cache, quantize_kv
-from resq_jax.quant.weights import rtn_weights_codes
 
 # the site whose (raw) value feeds each linear
 INPUT_SITE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in",
@@ -183,7 +183,7 @@ def _reference_rtn_layout(config, name, spec, d_in):
 
 def _reference_rtn_block(w, bits, clip_search):
     """Symmetric RTN of one block ``w: float32 [rows, d_out]``, per output column, written from
-    the definition (quantizers.weight_scales / quantize_weight_sym): grid [-2^(b-1), 2^(b-1) - 1],
+    the definition (formats.integer.weight_scales / quantize_weight_sym): grid [-2^(b-1), 2^(b-1) - 1],
     scale p max|w| / (2^(b-1) - 1) (1 for an all-zero column) with p = 1, or with the clip search
     every p = 1 - i/100, i < 80, the chosen one minimizing sum |w - code * scale|^2.4 (the first
     minimum). Scales and errors in float64; the codes, as the library computes them, in float32:
@@ -552,8 +552,8 @@ def _truncate(m, n_layers):
 
 def test_smollm2_two_layers_every_linear_and_attention(smol):
     """ResQ W4A4KV4 (RTN) on SmolLM2's first two layers (d=576, hd=64, ffn=1536, GQA 9/3)."""
-    from resq_jax.data.windows import calib_windows, tokenize
     from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import calib_windows, tokenize
 
     m = _truncate(smol, 2)
     text = tokenize(load_text("wiki-calib").text, smol.tokenizer)
@@ -579,9 +579,9 @@ def test_smollm2_integer_evaluation_is_the_checkpoints_and_batch_invariant(smol,
     evaluation (integer_decoder) gives the same perplexity at batch sizes 1, 2 and 4, equal to the
     saved and reloaded packed checkpoint's; the classic fake path is near (float rounding re-draws
     W4A4 codes, so only a band)."""
-    from resq_jax.runtime.checkpoint import load_packed, save_packed
-    from resq_jax.data.windows import calib_windows, eval_windows, tokenize
     from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import calib_windows, eval_windows, tokenize
+    from resq_jax.runtime.checkpoint import load_packed, save_packed
 
     m = _truncate(smol, 6)
     calib = calib_windows(tokenize(load_text("wiki-calib").text, smol.tokenizer), 8, 128, seed=0)
@@ -607,9 +607,9 @@ def test_smollm2_whole_model_perplexity_packed_equals_fake(smol, tmp_path):
     The classic float fake path computes the same model with other float rounding; a W4A4
     model's perplexity is not continuous at that scale (a one-ulp change moves later 4-bit codes
     across rounding ties), so it only agrees within a band."""
-    from resq_jax.runtime.checkpoint import load_packed, save_packed
-    from resq_jax.data.windows import calib_windows, eval_windows, tokenize
     from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import calib_windows, eval_windows, tokenize
+    from resq_jax.runtime.checkpoint import load_packed, save_packed
 
     calib = calib_windows(tokenize(load_text("wiki-calib").text, smol.tokenizer), 64, 512, seed=0)
     ev = eval_windows(tokenize(load_text("wiki-eval").text, smol.tokenizer), 40, 512)

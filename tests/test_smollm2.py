@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 
 from hf_fixtures import transformers_gguf_perplexity
-from resq_jax.models.decoder import from_weights
-from resq_jax.models.loaders import load_model
 from resq_jax.calibration.statistics import calibrate
-from resq_jax.data.windows import calib_windows, eval_windows, tokenize
 from resq_jax.data.texts import load_text
+from resq_jax.data.windows import calib_windows, eval_windows, tokenize
 from resq_jax.eval.generate import generate_greedy
 from resq_jax.eval.perplexity import perplexity
+from resq_jax.models.decoder import from_weights
+from resq_jax.models.loaders import load_model
+from resq_jax.pipeline.quantize import prepare, quantize_model
 from resq_jax.pipeline.recipes import QuantConfig
 from resq_jax.rotation.transforms import apply_transforms, resq_transforms
-from resq_jax.pipeline.quantize import prepare, quantize_model
 
 EVAL_WINDOWS, CALIB_WINDOWS, SEQ = 8, 16, 512
 

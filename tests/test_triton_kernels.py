@@ -1,10 +1,10 @@
 """Packed mixed-precision GEMM: the jnp reference, and the Triton kernels without a GPU.
 
-* jnp reference (resq_jax.kernels.mixed_gemm): codes are those of quantize_mixed,
+* jnp reference (resq_jax.kernels.gemm_reference): codes are those of quantize_mixed,
   int32 accumulators equal a NumPy int64 matmul of the unpacked codes, the output equals fake
   quantization (dequantize_mixed(x) @ dequantize_weight(w) + bias) to float32 rounding.
 * Triton kernels under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, torch CPU
-  tensors; resq_jax.kernels.triton.selfcheck): codes and accumulators identical to the
+  tensors; tests/support/triton/selfcheck.py): codes and accumulators identical to the
   reference, outputs within float rounding, on tile non-multiples and K = 576/896/1536/4864 with
   r = K/8 and r = 0; also the JAX launchers (jax_ops) with jax_triton replaced by a stand-in.
 * Ahead-of-time compile to cubin for sm_80 and sm_90 (subprocess without the interpreter), with
@@ -25,11 +25,11 @@ import pytest
 from flax import nnx
 
 from resq_jax.formats import packing
-from support.triton import selfcheck  # imports neither triton nor torch
 from resq_jax.formats.integer import dequantize_mixed, dequantize_weight, quantize_mixed, quantize_weight_sym
-from resq_jax.runtime.linear import ActQuant, LinearLayout, PackedLinear, pack_block_np
 from resq_jax.kernels.gemm_reference import dequantize_packed_activations, int_accumulators, pack_weights
 from resq_jax.kernels.mixed_gemm import mixed_gemm, quantize_pack, select_impl, triton_available
+from resq_jax.runtime.linear import ActQuant, LinearLayout, PackedLinear, pack_block_np
+from support.triton import selfcheck  # imports neither triton nor torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS32 = float(np.finfo(np.float32).eps)
@@ -195,7 +195,7 @@ def test_import_without_triton():
         sys.meta_path.insert(0, Block())
         import jax.numpy as jnp
         import resq_jax.kernels, resq_jax.kernels.triton, resq_jax.kernels.triton.launch
-        from resq_jax.kernels import mixed_gemm as mg
+        from resq_jax.kernels.mixed_gemm import quantize_pack
         px = quantize_pack(jnp.ones((2, 8)), 2)
         assert 'triton' not in sys.modules and 'jax_triton' not in sys.modules
         try:
@@ -260,7 +260,7 @@ def test_jax_launchers_with_stand_in(interpreted):
 
 @needs_triton
 def test_runtime_packed_linear_runs_the_triton_kernels(interpreted):
-    """resq_jax.runtime.PackedLinear(impl="triton") feeds its stored arrays to the Triton kernels
+    """resq_jax.runtime.linear.PackedLinear(impl="triton") feeds its stored arrays to the Triton kernels
     (through the jax launchers and the stand-in) and equals its XLA integer-dot path."""
     assert interpreted["packed_linear"], "no PackedLinear check ran"
     for g in interpreted["packed_linear"]:
@@ -300,7 +300,7 @@ def test_real_triton_call_under_jit(case):
     the lowered program holds the triton_kernel_call custom call (not the jnp path), the codes
     and int32 accumulators equal the jnp reference exactly, the float32 / bfloat16 outputs are
     within the interpreter checks' tolerances (selfcheck.tolerances), and
-    resq_jax.runtime.PackedLinear(impl="triton") under jit equals its impl="jnp" twin. Skipped,
+    resq_jax.runtime.linear.PackedLinear(impl="triton") under jit equals its impl="jnp" twin. Skipped,
     with the reason, where jax_triton cannot run (any machine without a CUDA GPU)."""
     reason = real_triton_call_unavailable()
     if reason:

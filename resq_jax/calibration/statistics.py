@@ -28,8 +28,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
-from resq_jax.util.precision import EXACT
 from resq_jax.models.streaming import LayerStreamer
+from resq_jax.util.precision import EXACT
 from resq_jax.util.progress import progress_bar
 
 CAPTURED = ("attn_in", "mlp_in", "v", "k_rope", "o_in", "down_in")

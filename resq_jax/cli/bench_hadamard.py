@@ -1,7 +1,7 @@
 """Benchmark of the native FFI Hadamard transform (resq_jax.kernels.hadamard) on this machine.
 
 For each size n, float32 x: [rows, n]: wall time of the FFI transform, the jnp fast reference
-(resq_jax.projections.hadamard_transform) and a dense ``x @ H^T`` matmul, each jit-compiled,
+(resq_jax.transforms.fwht.hadamard_transform) and a dense ``x @ H^T`` matmul, each jit-compiled,
 warmed up (compilation excluded), ``block_until_ready``, median of ``repeats`` runs; the speedups;
 and the FFI transform's effective memory bandwidth (bytes read + written / time) as a fraction of
 the machine's measured copy bandwidth (a 256 MiB NumPy copy into a preallocated array, the hardware
@@ -26,7 +26,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 
 from resq_jax.kernels import hadamard as hk  # noqa: E402
 from resq_jax.transforms.fwht import hadamard_transform

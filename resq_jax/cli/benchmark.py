@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 
-
 SECTIONS = ("throughput", "stages", "hadamard", "packed")
 RUNTIME_PATHS = ("float", "fake", "packed")
 
@@ -38,11 +37,11 @@ def throughput(model_spec: str, windows: int, seq_len: int, batch_size: int, thr
     import numpy as np
     import torch
 
+    from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import eval_windows, tokenize
+    from resq_jax.eval.perplexity import perplexity
     from resq_jax.models.decoder import from_weights
     from resq_jax.models.loaders import load_model
-    from resq_jax.data.windows import eval_windows, tokenize
-    from resq_jax.data.texts import load_text
-    from resq_jax.eval.perplexity import perplexity
 
     torch.set_num_threads(threads)
     loaded = load_model(model_spec)
@@ -154,14 +153,15 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
     one layer's; meant to run in a fresh process."""
     import numpy as np
 
+    from resq_jax.calibration.statistics import calibrate
+    from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import calib_windows as sample
+    from resq_jax.data.windows import eval_windows, tokenize
+    from resq_jax.eval.perplexity import perplexity
     from resq_jax.models.loaders import load_model
     from resq_jax.models.streaming import LayerStreamer
-    from resq_jax.calibration.statistics import calibrate
-    from resq_jax.data.windows import calib_windows as sample, eval_windows, tokenize
-    from resq_jax.data.texts import load_text
-    from resq_jax.eval.perplexity import perplexity
-    from resq_jax.pipeline.recipes import QuantConfig
     from resq_jax.pipeline.quantize import prepare, quantize_model
+    from resq_jax.pipeline.recipes import QuantConfig
     from resq_jax.runtime.pack import integer_decoder
 
     t0 = time.perf_counter()
@@ -210,13 +210,14 @@ def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: st
     """Quantize with ResQ W4A4KV4 once and write the packed and the (older) fake-quant checkpoints."""
     import numpy as np
 
-    from resq_jax.models.loaders import load_model
-    from resq_jax.runtime.checkpoint import save_fake_quant, save_packed
-    from resq_jax.data.windows import calib_windows as sample, tokenize
     from resq_jax.data.texts import load_text
-    from resq_jax.quant.layouts import LINEARS
-    from resq_jax.pipeline.recipes import QuantConfig
+    from resq_jax.data.windows import calib_windows as sample
+    from resq_jax.data.windows import tokenize
+    from resq_jax.models.loaders import load_model
     from resq_jax.pipeline.quantize import quantize_model
+    from resq_jax.pipeline.recipes import QuantConfig
+    from resq_jax.quant.layouts import LINEARS
+    from resq_jax.runtime.checkpoint import save_fake_quant, save_packed
     from resq_jax.runtime.pack import pack_model
 
     loaded = load_model(model_spec)
@@ -248,10 +249,10 @@ def packed_prepare(model_spec: str, calib_windows: int, seq_len: int, folder: st
 
 def runtime_path(path: str, model_spec: str, folder: str, windows: int, seq_len: int, batch_size: int) -> dict:
     """Evaluate one of RUNTIME_PATHS in this (fresh) process: tokens/s after a compile batch, peak RSS."""
-    from resq_jax.models.decoder import IDENTITY, from_weights
-    from resq_jax.data.windows import eval_windows, tokenize
     from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import eval_windows, tokenize
     from resq_jax.eval.perplexity import perplexity
+    from resq_jax.models.decoder import IDENTITY, from_weights
 
     t0 = time.perf_counter()
     if path == "float":

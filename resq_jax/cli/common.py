@@ -9,8 +9,8 @@ import argparse
 import os
 import sys
 from typing import NoReturn, Sequence
-import numpy as np
 
+import numpy as np
 
 # transformers announces at import that torch is missing; resq-jax never needs torch, so the notice is noise
 # for our users. Only the command-line entry points (which import this module first) set this.

@@ -10,12 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from resq_jax.cli.common import (DEFAULT_MODEL, UserError, add_eval_args, add_model_args, check_positive, eval_sets,
-                                 fail, load)
+
+from resq_jax.cli.common import (
+    DEFAULT_MODEL,
+    UserError,
+    add_eval_args,
+    add_model_args,
+    check_positive,
+    eval_sets,
+    fail,
+    load,
+)
 from resq_jax.cli.table import format_table
 from resq_jax.util.files import write_json_atomic
-
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:

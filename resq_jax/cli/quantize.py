@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 import time
-from resq_jax.cli.common import (UserError, add_eval_args, add_model_args, check_positive, eval_sets, fail, load)
+
+from resq_jax.cli.common import UserError, add_eval_args, add_model_args, check_positive, eval_sets, fail, load
 from resq_jax.cli.table import format_table
 from resq_jax.util.files import write_json_atomic
-
 
 DEFAULT_METHODS = ("none", "rtn", "quarot", "resq")
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embed-bits", type=int, default=16,
                    help="bits of the embeddings and lm_head (2..8; default 16: float, as in the papers). "
                         "Symmetric per row and --embed-group channels, float16 scales; a tied model keeps one "
-                        "table (resq_jax/embeddings.py). 8 is close to lossless; 4 makes --out checkpoints "
+                        "table (resq_jax/quant/embeddings.py). 8 is close to lossless; 4 makes --out checkpoints "
                         "about 4x smaller than float16 at a perplexity cost")
     p.add_argument("--embed-group", type=int, default=None,
                    help="channels per embedding scale, a divisor of the hidden size (default: 64 at <= 4 bits, "
@@ -174,8 +174,8 @@ def run(args) -> int:
         calib = _calibration_windows(args, loaded.tokenizer)
 
     # --- the work --------------------------------------------------------------------------
-    from resq_jax.models.decoder import from_weights
     from resq_jax.eval.perplexity import perplexity
+    from resq_jax.models.decoder import from_weights
     from resq_jax.pipeline.quantize import quantize_model
     from resq_jax.runtime.pack import packed_decoder, try_pack
 
@@ -187,7 +187,7 @@ def run(args) -> int:
                             progress=not args.quiet, log=log)
         if qm.stats is not None:
             stats_cache[qc.recipe.fold_norms] = qm.stats
-        # --eval-path packed: the model as pack_model stores it (runtime.integer_decoder), kept for --out
+        # --eval-path packed: the model as pack_model stores it (runtime.pack.integer_decoder), kept for --out
         packed = None
         if args.eval_path == "packed" and qc.recipe.quantize:
             packed, why = try_pack(qm)
@@ -228,8 +228,9 @@ def run(args) -> int:
 
 
 def _calibration_windows(args, tokenizer):
-    from resq_jax.data.windows import calib_windows as sample, tokenize
     from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import calib_windows as sample
+    from resq_jax.data.windows import tokenize
 
     try:
         src = load_text(args.calib_text)

@@ -9,7 +9,6 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Iterator
 
-
 MIN_ARTICLE_WORDS = 200
 
 

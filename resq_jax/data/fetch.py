@@ -7,6 +7,7 @@ import bz2
 import tempfile
 import zipfile
 from pathlib import Path
+
 from resq_jax.data.extract import news_from_lines, wiki_from_xml
 from resq_jax.util.files import cache_dir, pip_download, write_text_atomic
 
@@ -19,7 +20,7 @@ GENSIM_VERSION = "4.4.0"
 WIKI_MEMBER = ("gensim/test/test_data/"
                "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
-EXTRACTOR_VERSION = 1  # bump whenever the extraction below changes its output
+EXTRACTOR_VERSION = 1  # bump whenever the extraction (extract.py) changes its output
 
 
 def _cache_paths(directory: Path) -> dict[str, Path]:

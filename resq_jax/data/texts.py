@@ -1,7 +1,7 @@
-"""Text sources for calibration and evaluation, tokenization, and token windows.
+"""Text sources for calibration and evaluation (tokenization and token windows: resq_jax/data/windows.py).
 
 Texts (``load_text``):
-- Built-in, offline (obtained by this module itself from the pinned ``gensim==4.4.0`` wheel on
+- Built-in, offline (obtained by resq_jax/data/fetch.py from the pinned ``gensim==4.4.0`` wheel on
   PyPI, then cached as plain text):
     "wiki"        103-article English Wikipedia sample, markup stripped, WikiText-style
                   (" = Title = " article headings, " = = Section = = " section headings,
@@ -30,9 +30,8 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from resq_jax.data.fetch import news_text, wiki_text
-from resq_jax.data.fetch import TextSourceError
 
+from resq_jax.data.fetch import TextSourceError, news_text, wiki_text
 
 CALIB_FRACTION = 0.8
 

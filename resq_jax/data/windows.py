@@ -7,8 +7,8 @@ import contextlib
 import logging
 import operator
 from typing import Any, Iterator
-import numpy as np
 
+import numpy as np
 
 ALL_WINDOWS = None  # eval_windows(num_windows=ALL_WINDOWS): every full window of the text
 

@@ -1,1 +1,2 @@
-"""TODO."""
+"""Evaluation: perplexity over token windows (perplexity) and greedy generation with a KV cache (generate).
+"""

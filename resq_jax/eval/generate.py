@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks, init_cache
 
 

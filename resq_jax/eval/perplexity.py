@@ -1,4 +1,4 @@
-"""Perplexity and greedy generation with jitted, layer-streamed forward passes.
+"""Perplexity with jitted, layer-streamed forward passes (greedy generation: resq_jax/eval/generate.py).
 
 Perplexity protocol (docs/reproducing.md, Evaluation protocol): the text is tokenized once without BOS, cut into the first
 N non-overlapping windows of L tokens; ppl = exp(mean over windows of the mean next-token
@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+
 import jax.numpy as jnp
 import numpy as np
+
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
 from resq_jax.models.streaming import LayerStreamer
 from resq_jax.util.progress import progress_bar

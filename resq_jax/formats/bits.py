@@ -1,9 +1,8 @@
 """Bit widths: the user-facing checks and the 'off' convention (16 bits = not quantized).
 """
 from __future__ import annotations
+
 from resq_jax.util.checks import is_int
-
-
 
 OFF = 16  # bits >= OFF: the tensor / block is left unquantized
 

@@ -1,4 +1,4 @@
-"""Quantizers: integer (asymmetric activations, symmetric weights) and MXINT block floating point.
+"""Integer quantizers: asymmetric activations, symmetric weights (MXINT: resq_jax/formats/mxint.py).
 
 Every quantizer comes as a ``quantize_*`` / ``dequantize_*`` pair over integer codes (so the
 packed runtime and the kernels can reuse the exact same numerics) and a ``fake_quant_*``
@@ -16,7 +16,7 @@ Conventions
 - Activations ``x: [..., d]`` are quantized over the last axis; weights are stored
   ``w: [d_in, d_out]`` (a linear is ``x @ w``) and quantized per output column.
 
-MXINT ragged tails: the size of the quantized axis must be a multiple of the block size
+MXINT ragged tails (mxint.py): the size of the quantized axis must be a multiple of the block size
 (16 by default); every hidden/intermediate/head size of the supported models is, and anything
 else raises a ValueError rather than silently padding.
 """
@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import functools
 import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from resq_jax.formats.bits import check_positive_int, check_quant_bits, is_off
-from resq_jax.util.trees import pytree_dataclass, static_field
-from resq_jax.util.checks import is_int
 
+from resq_jax.formats.bits import check_positive_int, check_quant_bits, is_off
+from resq_jax.util.checks import is_int
+from resq_jax.util.trees import pytree_dataclass, static_field
 
 # MSE clip search (docs/algorithms.md, MSE clip search): p = 1 - i / GRID for i in range(STEPS), error norm 2.4.
 CLIP_SEARCH_STEPS = 80

@@ -4,8 +4,10 @@ of 16 values along an axis and signed integer mantissas (docs/algorithms.md, MXI
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
+
 from resq_jax.formats.bits import check_positive_int
 from resq_jax.util.checks import is_int
 from resq_jax.util.trees import pytree_dataclass, static_field

@@ -24,7 +24,7 @@ Numerics (shared by the jnp reference here and the Triton kernels in ``resq_jax.
   nearest even). A GPU kernel may contract the last multiply-adds into FMAs, so outputs agree
   with this reference to float32 rounding, not bit for bit.
 
-Implementations (``impl``): ``"jnp"`` (this module, pure JAX: what the CPU runtime uses),
+Implementations (``impl`` of resq_jax.kernels.mixed_gemm): ``"jnp"`` (this module, pure JAX: what the CPU runtime uses),
 ``"triton"`` (Triton kernels through ``jax_triton.triton_call``, NVIDIA GPUs), ``"auto"``
 (triton when JAX's default backend is a GPU and jax_triton imports, else jnp). Triton and
 jax_triton are imported only when the triton path is taken.
@@ -35,14 +35,15 @@ to ``[tokens, K]``.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from resq_jax.formats import packing
 from resq_jax.formats.integer import WeightCodes, quantize_mixed
-from resq_jax.util.trees import pytree_dataclass, static_field
 from resq_jax.util.checks import is_int
-
+from resq_jax.util.trees import pytree_dataclass, static_field
 
 _F32 = jnp.float32
 _LOW_BITS_PACKED = (2, 3, 4)   # fit the signed int4 nibble [-8, 7] after the shift

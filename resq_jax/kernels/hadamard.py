@@ -3,8 +3,8 @@
 ``hadamard(x)`` computes ``x @ hadamard_matrix(n).T`` on the last axis (``y_i = sum_j H[i, j] x_j``),
 ``hadamard(x, transpose=True)`` computes ``x @ hadamard_matrix(n)`` (the inverse), with
 ``n = K * 2^m``, ``H_n = (H_K ⊗ H_{2^m}) / sqrt(n)`` and ``(K, H_K, m) =``
-:func:`resq_jax.projections.hadamard_factor` (docs/algorithms.md, Hadamard sizes). The numerics are those of
-:func:`resq_jax.projections.hadamard_transform` (the jnp reference): float32 accumulation for
+:func:`resq_jax.transforms.hadamard.hadamard_factor` (docs/algorithms.md, Hadamard sizes). The numerics are those of
+:func:`resq_jax.transforms.fwht.hadamard_transform` (the jnp reference): float32 accumulation for
 float32 / bfloat16 / float16 inputs, the Sylvester butterflies, then the K x K product with H_K
 (passed to the kernel as a float32 constant operand, so substitutes for sizes with no Hadamard
 matrix work too), then one multiply by float32(1 / sqrt(n)), then rounding to the input dtype.
@@ -13,7 +13,7 @@ Implementations (``impl``):
 
 * ``"ffi"``: the native kernels of ``ffi/``: ``libresq_hadamard_cpu`` on CPU, ``libresq_hadamard_cuda``
   on NVIDIA GPUs. Raises :class:`FfiUnavailableError` when the library for the platform is missing.
-* ``"jnp"``: :func:`resq_jax.projections.hadamard_transform` (always available, defines the numerics).
+* ``"jnp"``: :func:`resq_jax.transforms.fwht.hadamard_transform` (always available, defines the numerics).
 * ``"dense"``: ``x @ hadamard_matrix(n).T`` as one matmul (O(n^2), for checks and benchmarks).
 * ``"auto"`` (default): per platform at lowering time (``jax.lax.platform_dependent``), the FFI
   kernel when its library is loaded, else the jnp reference; a missing CPU library is reported once
@@ -52,9 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resq_jax.util.precision import EXACT
 from resq_jax.transforms.fwht import hadamard_transform
 from resq_jax.transforms.hadamard import HadamardSizeError, hadamard_factor, hadamard_matrix
+from resq_jax.util.precision import EXACT
 
 __all__ = [
     "IMPLS",

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from resq_jax.kernels.gemm_reference import (PackedActivations, PackedWeights, OUT_DTYPES, check_packed_bits, check_operands,
-                                             check_activations, check_mixed_layout, mixed_gemm_jnp, quantize_pack_jnp)
 
+from resq_jax.kernels.gemm_reference import (
+    OUT_DTYPES,
+    PackedActivations,
+    PackedWeights,
+    check_activations,
+    check_mixed_layout,
+    check_operands,
+    check_packed_bits,
+    mixed_gemm_jnp,
+    quantize_pack_jnp,
+)
 
 IMPLS = ("auto", "jnp", "triton")
 

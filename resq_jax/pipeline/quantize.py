@@ -6,19 +6,21 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import Callable, Mapping
+
 import numpy as np
-from resq_jax.models.config import ModelConfig
-from resq_jax.rotation import fusion
+
 from resq_jax.calibration.statistics import CalibrationStats, calibrate
-from resq_jax.quant.layouts import ActivationSpec, WeightSpec
 from resq_jax.formats.bits import OFF
-from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
-from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
-from resq_jax.quant.lqer import int_lowrank_codes, lqer_quantize_weights
-from resq_jax.transforms.pca import high_rank
-from resq_jax.transforms.hadamard import hadamard_factor
+from resq_jax.models.config import ModelConfig
 from resq_jax.pipeline.recipes import LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe, uses_gptq
+from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
+from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
+from resq_jax.quant.layouts import ActivationSpec, WeightSpec
+from resq_jax.quant.lqer import int_lowrank_codes, lqer_quantize_weights
+from resq_jax.rotation import fusion
 from resq_jax.rotation.transforms import Transforms, apply_transforms, quarot_transforms, resq_transforms
+from resq_jax.transforms.hadamard import hadamard_factor
+from resq_jax.transforms.pca import high_rank
 
 
 @dataclasses.dataclass
@@ -32,7 +34,7 @@ class QuantizedModel:
     stats: CalibrationStats | None = None
     details: dict = dataclasses.field(default_factory=dict)  # e.g. GPTQ seconds per layer
     # the weight quantizer's integer codes: {"layers.{i}.{name}": WeightCodes}, rows in
-    # fake_quant.linear_high_rows order (what resq_jax.runtime.pack_model packs); empty if unquantized
+    # quant.layouts.linear_high_rows order (what resq_jax.runtime.pack.pack_model packs); empty if unquantized
     codes: dict = dataclasses.field(default_factory=dict)
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
+
 import numpy as np
+
+from resq_jax.formats.bits import OFF, check_bits
 from resq_jax.quant.gptq import DEFAULT_DAMP
-from resq_jax.formats.bits import OFF
-from resq_jax.formats.bits import check_bits
 
 
 class QuantConfigError(ValueError):
@@ -139,7 +140,7 @@ class QuantConfig:
     rank: int | None = None  # low-rank correction rank (None: 32 for lqer/l2qer recipes)
     w_format: str | None = None  # lqer/l2qer/mxint weights: "mxint" (default) or "int" (groups)
     group_size: int | None = None  # rows per weight scale group along d_in ("int" LQER weights: 128)
-    embed_bits: int = OFF  # embeddings and lm_head (resq_jax.embeddings); 16 keeps them in float (the papers)
+    embed_bits: int = OFF  # embeddings and lm_head (resq_jax.quant.embeddings); 16 keeps them in float (the papers)
     embed_group: int | None = None  # channels per embedding scale (None: 64 at <= 4 bits, else the row)
 
     def __post_init__(self):

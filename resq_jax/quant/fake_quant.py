@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
+
 import jax.numpy as jnp
 import numpy as np
-from resq_jax.models.decoder import SiteHooks
-from resq_jax.formats.integer import fake_quant_asym, fake_quant_mixed, fake_quant_sym_tensor, fake_quant_weight
-from resq_jax.quant.layouts import ActivationSpec, WeightSpec
+
 from resq_jax.formats.bits import OFF
+from resq_jax.formats.integer import fake_quant_asym, fake_quant_mixed, fake_quant_sym_tensor, fake_quant_weight
+from resq_jax.models.decoder import SiteHooks
+from resq_jax.quant.layouts import ActivationSpec, WeightSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,10 +8,10 @@ Conventions
 - Mixed precision: after the optional ``row_perm`` the LAST ``high_rows`` input rows are the
   high-precision block (``high_bits``), the others the low block (``low_bits``). Each block's
   symmetric per-output-column scales (per (group of rows, column) with ``group_size``) are fixed
-  before the sweep from W (``quantizers.weight_scales``, optional clip search); a row's block and
+  before the sweep from W (``formats.integer.weight_scales``, optional clip search); a row's block and
   group follow its index in the ``row_perm`` layout, never its position in the act_order sweep.
-- Numerics: the quantizer is ``quantizers.quantize_with_scale`` (float32, round then clip) and
-  a dequantized row is ``code * scale``, exactly as ``quantizers.dequantize_weight``. The sweep
+- Numerics: the quantizer is ``formats.integer.quantize_with_scale`` (float32, round then clip) and
+  a dequantized row is ``code * scale``, exactly as ``formats.integer.dequantize_weight``. The sweep
   runs in float32; ``U = upper Cholesky of (H + damp)^-1`` is computed in float64 (scoped
   ``jax.enable_x64``) and cast to float32. On SmolLM2's Hessians (condition number <= 3e4 after
   1% damping, measured) float32 would give U to ~1e-5, but the error grows like cond * 6e-8 and
@@ -36,11 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resq_jax.util.precision import EXACT
-
+from resq_jax.formats.bits import check_bits, is_off
 from resq_jax.formats.integer import WeightCodes, ieee_div, quantize_with_scale, weight_scales
 from resq_jax.util.checks import is_int
-from resq_jax.formats.bits import check_bits, is_off
+from resq_jax.util.precision import EXACT
 
 __all__ = [
     "GPTQError", "GPTQDampingWarning", "GPTQResult",
@@ -66,7 +65,7 @@ class GPTQDampingWarning(RuntimeWarning):
 # ----------------------------------------------------------------------------------------------
 def gram(x: jax.Array) -> jax.Array:
     """``x: [..., d]`` (every leading axis is tokens) -> ``sum_t x_t x_t^T: [d, d]``, float32 at full float32
-    precision (models/precision.py): the one implementation of the Hessian's sum of outer products."""
+    precision (resq_jax/util/precision.py): the one implementation of the Hessian's sum of outer products."""
     x = x.reshape(-1, x.shape[-1]).astype(_F32)
     return jnp.matmul(x.T, x, precision=EXACT)
 
@@ -290,7 +289,7 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
     still absorbing the low rows' errors); dead inputs (h_ii = 0): h_ii = 1 and the weight row
     zeroed; the scales of each block (per output column, or per (group of ``group_size`` rows,
     column)) fixed from this W (dead rows zeroed, since they carry no signal) with
-    ``quantizers.weight_scales`` (``clip_search``: MSE clip search); ``act_order``: sweep rows in
+    ``formats.integer.weight_scales`` (``clip_search``: MSE clip search); ``act_order``: sweep rows in
     descending diag(h) (a row keeps its block and group); damping ``damp * mean(diag h)``;
     u = upper Cholesky of the damped h^-1 (float64); the blocked sweep (:func:`gptq_sweep`);
     un-permute. If the damped h is not positive definite (or the sweep overflows) the damping is

@@ -5,9 +5,11 @@ weights, shared by the fake-quant model, GPTQ and the packed runtime.
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
-from resq_jax.models.config import ModelConfig
+
 from resq_jax.formats.bits import OFF
+from resq_jax.models.config import ModelConfig
 from resq_jax.util.checks import is_int
 
 

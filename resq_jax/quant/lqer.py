@@ -31,7 +31,7 @@ remaining entries (implemented by zero padding, which cannot change a block maxi
 zeros stay zero). The model axes (d, H*hd, ffn) must be multiples of the block; the MXINT
 quantizer raises a ValueError otherwise.
 
-Numerics: the SVD is float64 NumPy; quantizer arithmetic is float32 (``resq_jax.quantizers``).
+Numerics: the SVD is float64 NumPy; quantizer arithmetic is float32 (``resq_jax.formats``).
 Width >= 16 (``OFF``) leaves a quantizer off: ``a_width = 16`` is weight-only LQER and
 ``lowrank_width = 16`` keeps A, B and ``x @ A`` in float.
 """
@@ -44,12 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from resq_jax.formats.bits import OFF, check_bits
+from resq_jax.formats.integer import WeightCodes, dequantize_weight, fake_quant_weight, quantize_weight_sym
+from resq_jax.formats.mxint import MXINT_WIDTHS, fake_quant_mxint
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import SiteHooks
-from resq_jax.formats.mxint import MXINT_WIDTHS, fake_quant_mxint
-from resq_jax.formats.integer import WeightCodes, dequantize_weight, fake_quant_weight, quantize_weight_sym
-from resq_jax.formats.bits import check_bits
-from resq_jax.formats.bits import OFF
 from resq_jax.quant.layouts import LINEARS
 from resq_jax.util.checks import is_int
 
@@ -280,7 +279,7 @@ def _check_abs_mean(config: ModelConfig, weights: Mapping, abs_mean) -> None:
         site = LINEAR_SITES[name]
         if site not in abs_mean:
             raise LQERConfigError(f"abs_mean has no {site!r} entry (needed for {name}); calibrate with "
-                                  f"resq_jax.calibration.calibrate, which records {', '.join(sorted(set(LINEAR_SITES.values())))}")
+                                  f"resq_jax.calibration.statistics.calibrate, which records {', '.join(sorted(set(LINEAR_SITES.values())))}")
         d_in = np.shape(weights[f"layers.0.{name}"])[0]
         want = (config.num_layers, d_in)
         if np.shape(abs_mean[site]) != want:

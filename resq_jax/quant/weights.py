@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resq_jax.formats.bits import OFF
+from resq_jax.formats.integer import WeightCodes, dequantize_weight, quantize_weight_sym
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import IDENTITY, site_recorder
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.quant.gptq import gram, DEFAULT_DAMP
+from resq_jax.quant.gptq import DEFAULT_DAMP, gram
 from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
-from resq_jax.formats.bits import OFF
-from resq_jax.formats.integer import WeightCodes, dequantize_weight, quantize_weight_sym
 from resq_jax.util.progress import progress_bar
 
 # (site whose inputs feed the linears, the linears) in the order GPTQ visits them

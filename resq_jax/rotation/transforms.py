@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
+
 import numpy as np
+
+from resq_jax.calibration.statistics import CalibrationStats
 from resq_jax.models.config import ModelConfig
 from resq_jax.rotation import fusion
-from resq_jax.calibration.statistics import CalibrationStats
+from resq_jax.transforms.hadamard import hadamard_matrix
 from resq_jax.transforms.orthogonal import block_diag_rotation, randomized_hadamard
 from resq_jax.transforms.pca import damped_eigh, high_rank
-from resq_jax.transforms.hadamard import hadamard_matrix
 
 
 @dataclasses.dataclass

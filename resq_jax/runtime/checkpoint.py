@@ -5,7 +5,7 @@ A packed checkpoint folder (``save_packed`` / ``load_packed``; format ``resq-jax
                 spec, linear layouts, down_proj Hadamard size, and a manifest of every array
                 (shape, dtype, CRC-32 of its bytes)
   arrays/       orbax PyTree checkpoint: ``arrays`` (packed int4/int8 codes, scales, biases,
-                embeddings / lm_head in 16 bits or as int8/int4 codes (resq_jax.embeddings), norms,
+                embeddings / lm_head in 16 bits or as int8/int4 codes (resq_jax.quant.embeddings), norms,
                 the online key rotations; column sums are derived from the codes at load) and
                 ``transforms`` (the recipe's projections, float32)
   tokenizer/    the tokenizer's files (when the model has a tokenizer)
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
 from resq_jax.util.files import json_default
 
 FORMAT = "resq-jax-packed"
@@ -44,7 +45,7 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class LoadedPacked:
-    model: Any  # resq_jax.runtime.PackedModel
+    model: Any  # resq_jax.runtime.pack.PackedModel
     tokenizer: Any
     source: str
 
@@ -224,7 +225,7 @@ def _config(path: Path, meta: dict):
 # the packed format
 # ----------------------------------------------------------------------------------------------
 def save_packed(path: str | os.PathLike, pm, *, tokenizer=None, source: str = "", force: bool = False) -> Path:
-    """Write a resq_jax.runtime.PackedModel (and the tokenizer's files) to the folder ``path``."""
+    """Write a resq_jax.runtime.pack.PackedModel (and the tokenizer's files) to the folder ``path``."""
     arrays = {k: np.asarray(v) for k, v in pm.arrays.items()}
     transforms = {k: np.asarray(v) for k, v in pm.transforms.items()}
     meta = {
@@ -239,7 +240,7 @@ def save_packed(path: str | os.PathLike, pm, *, tokenizer=None, source: str = ""
 
 
 def _embedding_shapes(config, embedding: Mapping) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Arrays of the embeddings (runtime.embedding_arrays): float tables (any 16/32-bit float
+    """Arrays of the embeddings (runtime.pack.embedding_arrays): float tables (any 16/32-bit float
     dtype, reported as 'float'), or codes and scales, and what a derived head needs."""
     d, v = config.hidden_size, config.vocab_size
     bits = int(embedding["bits"])
@@ -414,7 +415,7 @@ def load_checkpoint(path: str | os.PathLike, *, expect_config=None) -> LoadedPac
 # the older fake-quant format (dequantized float32 weights): still readable
 # ----------------------------------------------------------------------------------------------
 def save_fake_quant(path: str | os.PathLike, qm, loaded, *, force: bool = False) -> Path:
-    """Write a QuantizedModel (resq_jax.methods) as dequantized float32 weights (the older format)."""
+    """Write a QuantizedModel (resq_jax.pipeline.quantize) as dequantized float32 weights (the older format)."""
     arrays = {k: v for k, v in qm.weights.items() if isinstance(v, np.ndarray) or hasattr(v, "shape")}
     statics = {k: v for k, v in qm.weights.items() if k not in arrays}
     transforms = {k: np.asarray(v) for k, v in dataclasses.asdict(qm.transforms).items()
@@ -429,8 +430,8 @@ def save_fake_quant(path: str | os.PathLike, qm, loaded, *, force: bool = False)
 
 
 def load_fake_quant(path: str | os.PathLike) -> LoadedCheckpoint:
-    from resq_jax.quant.layouts import ActivationSpec
     from resq_jax.quant.fake_quant import FakeQuantHooks
+    from resq_jax.quant.layouts import ActivationSpec
 
     path = Path(path)
     meta = _read_meta(path)

@@ -4,14 +4,16 @@ channels of each head at high_bits.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from resq_jax.formats.bits import OFF
+from resq_jax.formats.integer import quantize_mixed
+from resq_jax.formats.packing import pack_int4, signed_shift, unpack_int4
 from resq_jax.models.config import ModelConfig
 from resq_jax.quant.layouts import ActivationSpec
-from resq_jax.formats.bits import OFF
-from resq_jax.formats.packing import pack_int4, signed_shift, unpack_int4
-from resq_jax.formats.integer import quantize_mixed
 from resq_jax.util.trees import pytree_dataclass as pytree_dataclass
 
 _F32 = jnp.float32
@@ -35,7 +37,7 @@ class KVCodes:
 
 
 def quantize_kv(x: jax.Array, low_bits: int, high_bits: int, high: int) -> KVCodes:
-    """x: [B, T, KV, hd] -> KVCodes, the codes of quantizers.quantize_mixed(x, ...) (one group per head)."""
+    """x: [B, T, KV, hd] -> KVCodes, the codes of formats.integer.quantize_mixed(x, ...) (one group per head)."""
     codes = quantize_mixed(x, low_bits, high_bits, high)
     q_lo, z_lo = signed_shift(codes.low.q[..., 0, :], codes.low.zero[..., 0, :], low_bits)
     if low_bits <= 4:

@@ -6,17 +6,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 from resq_jax.formats.bits import OFF
-from resq_jax.quant.fake_quant import FakeQuantHooks
-from resq_jax.formats.packing import pack_int4_np, signed_shift, unpack_int4, unpack_int4_np
 from resq_jax.formats.integer import quantize_mixed
-from resq_jax.kernels.gemm_reference import PackedWeights
+from resq_jax.formats.packing import pack_int4_np, signed_shift, unpack_int4, unpack_int4_np
+from resq_jax.kernels.gemm_reference import PackedWeights, int_dot
 from resq_jax.kernels.mixed_gemm import mixed_gemm, quantize_pack
-from resq_jax.kernels.gemm_reference import int_dot
+from resq_jax.quant.fake_quant import FakeQuantHooks
 
 _F32 = jnp.float32
 F32_EXACT = 2 ** 24  # every integer of magnitude <= 2^24 is a float32
@@ -119,7 +120,7 @@ def unpack_block(p: jax.Array, rows: int, bits: int) -> jax.Array:
 
 def quantize_input(x: jax.Array, act: ActQuant) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
     """x: [M, K] -> {block: (q int8 [M, G, n] signed codes, scale f32 [M, G], zero f32 [M, G]
-    signed zero point)} for the non-empty blocks, codes of quantizers.quantize_mixed."""
+    signed zero point)} for the non-empty blocks, codes of formats.integer.quantize_mixed."""
     codes = quantize_mixed(x, act.low_bits, act.high_bits, act.high, act.group)
     out = {}
     for name, block, bits in (("low", codes.low, act.low_bits), ("high", codes.high, act.high_bits)):

@@ -1,6 +1,6 @@
 """Packed-integer inference: the quantized model made real (docs/algorithms.md: Quantizers, Integer runtime arithmetic).
 
-``pack_model(qm)`` turns a fake-quant ``methods.QuantizedModel`` into a ``PackedModel`` (integer
+``pack_model(qm)`` turns a fake-quant ``pipeline.quantize.QuantizedModel`` into a ``PackedModel`` (integer
 weight codes packed, scales, column sums); ``packed_decoder(pm)`` builds the ordinary
 ``models.decoder.Decoder`` whose seven linears per layer are ``PackedLinear`` modules, run with
 ``PackedHooks(pm.spec)`` and, for generation, the quantized K/V cache of
@@ -9,7 +9,7 @@ weight codes packed, scales, column sums); ``packed_decoder(pm)`` builds the ord
 A packed linear ``y = x @ w + bias``, ``x: [M, K]``, ``w: [K, N]``: K is cut in G groups of
 K / G channels (G = 1 for q/k/v/gate/up/down; G = heads for o_proj, whose input is quantized per
 (token, head)), each group in a low block (its first K/G - r channels) and a high block (its
-last r). The activation codes come from ``quantizers.quantize_mixed`` (the fake-quant numerics
+last r). The activation codes come from ``formats.integer.quantize_mixed`` (the fake-quant numerics
 exactly), shifted to the signed grid (``packing.signed_shift``); the weight codes are the
 quantizer's own (``QuantizedModel.codes``). Per block b:
 
@@ -22,7 +22,7 @@ are stored two per byte along K (packing.py: low nibble = even index) and unpack
 inside the jitted graph; 5..8-bit blocks are int8. Column sums are derived from the codes when
 a linear is built (``with_colsums``), not stored. This is the CPU path (XLA's integer dot; impl
 "f32" computes the same integers with float32 GEMMs in chunks short enough to be exact); the
-epilogue's order matches resq_jax.kernels.mixed_gemm's reference. ``integer_decoder`` runs a
+epilogue's order matches the mixed GEMM's reference (resq_jax.kernels.gemm_reference). ``integer_decoder`` runs a
 fake-quant model this way, which is how scripts/quantize.py evaluates the integer recipes.
 On an NVIDIA GPU (impl "auto" with jax_triton importable, or "triton") the linears with one
 activation group per token and no low-rank term (q/k/v, gate/up, down) run the Triton
@@ -35,7 +35,7 @@ like the weight's blocks), t quantized per token to ``lowrank_bits`` (the fake p
 site), then the integer product with B and its epilogue.
 
 What stays as in the fake-quant model: embeddings and lm_head (stored in 16 bits, or as the
-int8/int4 codes of resq_jax.embeddings, computed in float32), RMSNorm, RoPE, Q, softmax and
+int8/int4 codes of resq_jax.quant.embeddings, computed in float32), RMSNorm, RoPE, Q, softmax and
 P.V in float32. ResQ's int8 model of the online key
 rotation (q/k fake-quantized to 8 bits per (token, head) at the q_rope/k_rope sites, times the
 fake-quantized int8 rotation) is kept identical to the fake path: a float product of
@@ -47,17 +47,18 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
+
 import jax.numpy as jnp
 import numpy as np
+
+from resq_jax.formats.bits import OFF
+from resq_jax.formats.integer import WeightCodes, dequantize_weight
+from resq_jax.formats.packing import pack_int4_np, unpack_int4_np
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import Decoder
-from resq_jax.quant.layouts import LINEARS, ActivationSpec
-from resq_jax.formats.bits import OFF
 from resq_jax.quant.fake_quant import FakeQuantHooks
-from resq_jax.formats.packing import pack_int4_np, unpack_int4_np
-from resq_jax.formats.integer import WeightCodes, dequantize_weight
+from resq_jax.quant.layouts import LINEARS, ActivationSpec
 from resq_jax.runtime.linear import ActQuant, LinearLayout, PackedHooks, PackedLinear, pack_block_np
-
 
 _F32 = jnp.float32
 
@@ -83,7 +84,7 @@ class PackedModel:
     transforms: the recipe's projections (float32; residual [d, d], value [L, KV, hd, hd],
                 key [L, hd, hd]) for inspection and reuse; the runtime does not need them
     embedding:  how the embeddings are stored: {"bits": 16} (float ``embed`` / ``lm_head``) or
-                {"bits", "group", "head"} for resq_jax.embeddings codes (embedding_arrays)
+                {"bits", "group", "head"} for resq_jax.quant.embeddings codes (embedding_arrays)
     """
 
     config: ModelConfig
@@ -133,7 +134,7 @@ def _layouts(config: ModelConfig, spec: ActivationSpec, codes: Mapping[str, Weig
 
 
 def check_packable_config(qc) -> None:
-    """Raise PackError, before any work, when a methods.QuantConfig gives a model the packed
+    """Raise PackError, before any work, when a pipeline.recipes.QuantConfig gives a model the packed
     runtime cannot represent (pack_model checks the model itself again)."""
     recipe = qc.recipe
     if not recipe.quantize or qc.w_bits >= OFF:
@@ -169,7 +170,7 @@ def _check_packable(qm) -> ActivationSpec:
 
 def _row_perm(config: ModelConfig, lay: LinearLayout, key: str) -> np.ndarray | None:
     """The stored row order of linear ``key`` (``layers.{i}.{name}``): o_proj with high rows has
-    every head's high rows last (fake_quant.head_high_last_permutation); None for the others."""
+    every head's high rows last (quant.layouts.head_high_last_permutation); None for the others."""
     from resq_jax.quant.layouts import head_high_last_permutation
 
     if key.endswith(".o") and lay.high_rows:
@@ -225,7 +226,7 @@ def _lowrank_codes(lay: LinearLayout, perm: np.ndarray | None, a: WeightCodes, b
 
 
 def embedding_arrays(emb) -> dict[str, np.ndarray]:
-    """Stored arrays of resq_jax.embeddings.EmbeddingCodes: ``embed.q`` (int8 codes [V, d], two
+    """Stored arrays of resq_jax.quant.embeddings.EmbeddingCodes: ``embed.q`` (int8 codes [V, d], two
     per byte along d at <= 4 bits), ``embed.scale`` (float16 [V, d / group]), the same for
     ``lm_head`` (codes of lm_head^T) of an untied model, ``head_basis`` [d, d] / ``head_gain`` [d]
     (float32) of a tied model whose head is derived from the table."""
@@ -259,7 +260,7 @@ def embedding_codes(arrays: Mapping[str, np.ndarray], embedding: Mapping):
 
 
 def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
-    """A fake-quant methods.QuantizedModel -> PackedModel (integer recipes, weights quantized,
+    """A fake-quant pipeline.quantize.QuantizedModel -> PackedModel (integer recipes, weights quantized,
     integer activations; see PackError). Quantized embeddings (QuantConfig.embed_bits < 16) are
     stored as their codes (embedding_arrays); float ones in ``embed_dtype`` (16 bits, docs/algorithms.md,
     What stays in float; np.float32 keeps the fake path's values exactly)."""
@@ -326,7 +327,7 @@ def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
 
 
 def integer_decoder(qm, impl: str = "auto") -> tuple[Decoder, PackedHooks] | None:
-    """(decoder, hooks) that evaluate a fake-quant methods.QuantizedModel with the packed
+    """(decoder, hooks) that evaluate a fake-quant pipeline.quantize.QuantizedModel with the packed
     runtime's integer arithmetic, or None when the packed runtime cannot represent it (PackError:
     float weights or activations, MXINT recipes).
 

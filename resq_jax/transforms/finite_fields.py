@@ -4,8 +4,8 @@ the quadratic character of GF(q).
 from __future__ import annotations
 
 import functools
-import numpy as np
 
+import numpy as np
 
 # ----------------------------------------------------------------------------------------
 # Integer helpers and finite fields GF(p^k)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from resq_jax.util.precision import EXACT
-from resq_jax.transforms.hadamard import HadamardSizeError, hadamard_factor
 
+from resq_jax.transforms.hadamard import HadamardSizeError, hadamard_factor
+from resq_jax.util.precision import EXACT
 
 # ----------------------------------------------------------------------------------------
 # Fast transforms

@@ -1,5 +1,5 @@
-"""Projections: Hadamard matrices of any LLM size, the fast Walsh-Hadamard transform,
-random orthogonal rotations and the PCA helpers used by ResQ / QuaRot.
+"""Hadamard matrices of any LLM size, used by ResQ / QuaRot: the exact constructions and the choice of K
+(the fast transform is in fwht.py, random rotations in orthogonal.py, the PCA helpers in pca.py).
 
 Hadamard of size n (docs/algorithms.md, Hadamard sizes)
 -------------------------------------------------------
@@ -47,9 +47,10 @@ from __future__ import annotations
 
 import functools
 import math
-import numpy as np
-from resq_jax.transforms.finite_fields import quadratic_character_table, is_prime_power
 
+import numpy as np
+
+from resq_jax.transforms.finite_fields import is_prime_power, quadratic_character_table
 
 MAX_K = 1024
 """Largest K (true Hadamard or substitute) hadamard_factor will use: the K-axis

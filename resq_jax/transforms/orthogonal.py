@@ -4,9 +4,10 @@ subspaces (ResQ), QuaRot's randomized Hadamard diag(s) H.
 from __future__ import annotations
 
 from collections.abc import Sequence
-import numpy as np
-from resq_jax.transforms.hadamard import haar_orthogonal, hadamard_matrix
 
+import numpy as np
+
+from resq_jax.transforms.hadamard import haar_orthogonal, hadamard_matrix
 
 # ----------------------------------------------------------------------------------------
 # Random orthogonal rotations and PCA helpers (float64, NumPy)

@@ -4,7 +4,9 @@ high-variance subspace.
 from __future__ import annotations
 
 import math
+
 import numpy as np
+
 from resq_jax.transforms.orthogonal import check_dim
 
 

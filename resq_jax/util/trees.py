@@ -4,12 +4,13 @@ aux data.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 
 
 def pytree_dataclass(cls):
     """Frozen dataclass registered as a pytree; fields with metadata static=True are static.
-    Shared by every code container (here, resq_jax.kernels.mixed_gemm, resq_jax.runtime)."""
+    Shared by every code container (resq_jax.formats, resq_jax.kernels.gemm_reference, resq_jax.runtime)."""
     cls = dataclasses.dataclass(frozen=True)(cls)
     fields = dataclasses.fields(cls)
     meta = [f.name for f in fields if f.metadata.get("static", False)]

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import jax_triton as jt
 
-from resq_jax.kernels.triton import kernels, launch
 from resq_jax.kernels.gemm_reference import PackedActivations, PackedWeights
+from resq_jax.kernels.triton import kernels, launch
 
 __all__ = ["quantize_pack", "mixed_gemm", "int_accumulators"]
 
@@ -34,7 +34,7 @@ def _sds(shape, dtype):
 
 def quantize_pack(x: jax.Array, high: int, low_bits: int, high_bits: int,
                   config: launch.QuantizePackConfig | None = None) -> PackedActivations:
-    """Triton twin of mixed_gemm.quantize_pack_jnp for ``x: [..., K]`` (validated by the caller)."""
+    """Triton twin of gemm_reference.quantize_pack_jnp for ``x: [..., K]`` (validated by the caller)."""
     cfg = config or launch.QuantizePackConfig()
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -73,7 +73,7 @@ def _dummies():
 
 def mixed_gemm(px: PackedActivations, pw: PackedWeights, out_dtype,
                config: launch.GemmConfig | None = None) -> jax.Array:
-    """Triton twin of mixed_gemm.mixed_gemm_jnp: ``[..., K] x [K, N] -> [..., N]``."""
+    """Triton twin of gemm_reference.mixed_gemm_jnp: ``[..., K] x [K, N] -> [..., N]``."""
     lead = px.q4.shape[:-1]
     x = _flat_x(px)
     m, n, kp, r = x["q4"].shape[0], pw.n, pw.w4.shape[0], pw.high
@@ -89,7 +89,7 @@ def mixed_gemm(px: PackedActivations, pw: PackedWeights, out_dtype,
 
 def int_accumulators(px: PackedActivations, pw: PackedWeights,
                      config: launch.GemmConfig | None = None):
-    """Triton twin of mixed_gemm.int_accumulators: (acc4, acc8 or None), int32 [tokens, N]."""
+    """Triton twin of gemm_reference.int_accumulators: (acc4, acc8 or None), int32 [tokens, N]."""
     x = _flat_x(px)
     m, n, kp, r = x["q4"].shape[0], pw.n, pw.w4.shape[0], pw.high
     cfg = config or launch.default_gemm_config(m)

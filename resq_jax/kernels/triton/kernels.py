@@ -1,14 +1,14 @@
 """Triton kernels: quantize-and-pack of activations and the int4/int8 mixed GEMM.
 
 Imports triton at module import: load this module only on the triton path (GPU launchers in
-``jax_ops``, the interpreter checks and the ahead-of-time compile in ``selfcheck`` / ``aot``).
-The numerics are those of ``resq_jax.kernels.mixed_gemm`` (its docstring); the formats those of
-``resq_jax.packing`` (int4 two per byte along K, low nibble = even index, two's complement).
+``jax_ops``, the interpreter checks and the ahead-of-time compile in tests/support/triton: ``selfcheck`` / ``aot``).
+The numerics are those of ``resq_jax.kernels.gemm_reference`` (its docstring); the formats those of
+``resq_jax.formats.packing`` (int4 two per byte along K, low nibble = even index, two's complement).
 
 Kernel parameter order is (input pointers, runtime scalars, output pointers, constexprs), the
 order ``jax_triton.triton_call`` passes them in (outputs after the positional inputs).
 
-Float details that make the codes identical to quantizers.quantize_mixed:
+Float details that make the codes identical to formats.integer.quantize_mixed:
 
 * division: ``tl.math.div_rn`` (IEEE round-to-nearest ``div.rn.f32``); Triton's ``/`` on float32
   lowers to the approximate ``div.full.f32``;

@@ -1,8 +1,9 @@
 """Launch geometry and operand order of the Triton kernels, independent of the array library.
 
 No triton import: the JAX launchers (``jax_ops``), the torch launchers used by the interpreter
-checks (``torch_ops``) and the ahead-of-time compile (``aot``) share these functions, so the
-operand order and the constexprs are defined once (kernels.py documents the parameters).
+checks (tests/support/triton/torch_ops.py) and the ahead-of-time compile (tests/support/triton/aot.py)
+share these functions, so the operand order and the constexprs are defined once (kernels.py documents
+the parameters).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Compare the Triton kernels with the JAX reference (resq_jax.kernels.mixed_gemm) on many shapes.
+"""Compare the Triton kernels with the JAX reference (resq_jax.kernels.gemm_reference) on many shapes.
 
-    python -m resq_jax.kernels.triton.selfcheck [--device cpu|cuda] [--json out.json] [--quick]
+    PYTHONPATH=tests python -m support.triton.selfcheck [--device cpu|cuda] [--json out.json] [--quick]
 
 ``--device cpu`` (default) runs the kernels under Triton's interpreter (this module sets
 ``TRITON_INTERPRET=1`` before triton is imported; torch CPU tensors); ``--device cuda`` runs
@@ -36,11 +36,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from resq_jax.kernels.triton import launch  # noqa: E402
 from resq_jax.formats.integer import quantize_weight_sym
-from resq_jax.runtime.linear import ActQuant, LinearLayout, PackedLinear, pack_block_np
 from resq_jax.kernels.gemm_reference import int_accumulators, mixed_gemm_jnp, pack_weights, quantize_pack_jnp
 from resq_jax.kernels.mixed_gemm import mixed_gemm, quantize_pack
+from resq_jax.kernels.triton import launch  # noqa: E402
+from resq_jax.runtime.linear import ActQuant, LinearLayout, PackedLinear, pack_block_np
 
 __all__ = ["Case", "CASES", "QUICK_CASES", "make_inputs", "run_case", "run", "main"]
 
@@ -238,7 +238,7 @@ def run_jax_glue(case: Case, device: str = "cpu") -> dict:
 
 
 def run_packed_linear(case: Case, device: str = "cpu") -> dict:
-    """resq_jax.runtime.PackedLinear with impl="triton" (the jax launchers, jax_triton replaced by
+    """resq_jax.runtime.linear.PackedLinear with impl="triton" (the jax launchers, jax_triton replaced by
     the stand-in) against the same linear on XLA's integer dot (impl="jnp"), called eagerly on
     x: [2, M, K]: the arrays the runtime stores feed the Triton kernels unchanged."""
     pass
