@@ -19,6 +19,7 @@ project's machines) into ``$RESQ_JAX_CACHE/models`` (default
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -28,12 +29,21 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from resq_jax.models.config import ModelConfig, ModelConfigError, RopeScaling, config_from_hf
 from resq_jax.models.gguf_tokenizer import GGUFTokenizerError, gguf_tokenizer_metadata, tokenizer_from_gguf_metadata
+from resq_jax.models.store import (
+    TensorEntry,
+    TensorSource,
+    WeightStore,
+    WeightStoreError,
+    read_gguf_tensor,
+    read_safetensor,
+    read_safetensors_header,
+)
 from resq_jax.util.files import atomic_file, cache_dir, pip_download
 
 __all__ = [
@@ -61,7 +71,8 @@ class ModelLoadError(ModelConfigError):
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, np.ndarray]  # contract names -> float32 arrays (see models.config)
+    weights: Mapping[str, np.ndarray]  # contract names -> float32 arrays (see models.config); a WeightStore
+    # (models/store.py) for files: each tensor read from disk when a stage asks for it
     tokenizer: Any  # transformers.PreTrainedTokenizerBase | None
     source: str  # resolved file or folder the weights came from
 
@@ -104,6 +115,14 @@ def check_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], source
             f"{source}: weight names do not match the model config "
             f"(missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
             f"unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}); the checkpoint and its config disagree")
+    if isinstance(weights, WeightStore):  # shapes from the headers; every tensor reads as float32
+        bad = [(n, weights.shape(n), s) for n, s in want.items() if weights.shape(n) != s]
+        if bad:
+            n, got, s = bad[0]
+            raise ModelLoadError(
+                f"{source}: weight {n} has shape {got}, the config implies {s}; the checkpoint and its config "
+                "disagree")
+        return
     for name, shape in want.items():
         w = weights[name]
         if tuple(w.shape) != shape:
@@ -138,7 +157,7 @@ _HF_GLOBAL = {
 _HF_IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def _hf_name_map(config: ModelConfig) -> dict[str, tuple[str, bool]]:
+def hf_name_map(config: ModelConfig) -> dict[str, tuple[str, bool]]:
     """Contract name -> (HF name, is_linear) for every contract weight of ``config``."""
     out: dict[str, tuple[str, bool]] = {}
     for name in expected_shapes(config):
@@ -151,13 +170,10 @@ def _hf_name_map(config: ModelConfig) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray],
-                       source: str = "checkpoint") -> dict[str, np.ndarray]:
-    """HF-named tensors (linears ``[d_out, d_in]``) -> contract weights (float32, linears ``[d_in, d_out]``).
-
-    A tied model's ``lm_head.weight`` is dropped if present; an untied model without one is an error.
-    """
-    names = _hf_name_map(config)
+def _check_hf_names(config: ModelConfig, tensors: Mapping, source: str) -> dict[str, tuple[str, bool]]:
+    """The contract -> (HF name, is_linear) map after checking ``tensors`` (a mapping over HF names) has every
+    tensor the config needs and nothing the decoder would not use."""
+    names = hf_name_map(config)
     used = {hf for hf, _ in names.values()}
     if config.tie_word_embeddings:
         used.add("lm_head.weight")
@@ -175,6 +191,16 @@ def from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray],
         raise ModelLoadError(
             f"{source}: checkpoint has tensors this Llama/Qwen2 decoder does not use, e.g. {extra[:4]}; "
             "is this really a LlamaForCausalLM/Qwen2ForCausalLM checkpoint?")
+    return names
+
+
+def from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray],
+                       source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """HF-named tensors (linears ``[d_out, d_in]``) -> contract weights (float32, linears ``[d_in, d_out]``).
+
+    A tied model's ``lm_head.weight`` is dropped if present; an untied model without one is an error.
+    """
+    names = _check_hf_names(config, tensors, source)
     out: dict[str, np.ndarray] = {}
     for name, (hf, linear) in names.items():
         w = np.asarray(tensors[hf], dtype=np.float32)
@@ -187,7 +213,7 @@ def to_hf_state_dict(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> 
     """Contract weights -> HF-named tensors (linears ``[d_out, d_in]``). Tied models get no lm_head.weight."""
     check_weights(config, weights)
     return {hf: (np.ascontiguousarray(weights[name].T) if linear else np.asarray(weights[name]))
-            for name, (hf, linear) in _hf_name_map(config).items()}
+            for name, (hf, linear) in hf_name_map(config).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,63 +223,41 @@ def to_hf_state_dict(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def _read_safetensors(path: Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """Read tensors (all, or ``keys``) of one safetensors file as float32 NumPy; bf16/fp8 via jax arrays."""
-    from safetensors import SafetensorError, safe_open
-
-    out: dict[str, np.ndarray] = {}
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            wanted = list(f.keys()) if keys is None else list(keys)
-            exotic = []
-            for k in wanted:
-                if k not in f.keys():
-                    raise ModelLoadError(
-                        f"{path}: tensor {k} listed in the shard index is missing from this file; "
-                        "re-download the checkpoint")
-                dtype = f.get_slice(k).get_dtype()
-                if dtype in ("F32", "F16", "F64"):
-                    out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
-                else:  # BF16, F8_*: NumPy has no such dtype; read through jax (no torch in library code)
-                    exotic.append(k)
-        if exotic:
-            with safe_open(str(path), framework="flax") as f:
-                for k in exotic:
-                    out[k] = np.asarray(f.get_tensor(k).astype("float32"))
-    except SafetensorError as e:
-        raise ModelLoadError(
-            f"cannot read safetensors file {path}: {e}. The file is truncated or corrupt; "
-            "re-download the checkpoint") from e
-    except OSError as e:
-        raise ModelLoadError(f"cannot read safetensors file {path}: {e}") from e
-    return out
-
-
-def _read_folder_tensors(folder: Path) -> dict[str, np.ndarray]:
+def _folder_entries(folder: Path) -> dict[str, TensorEntry]:
+    """HF tensor name -> its entry in the folder's safetensors file(s), every header checked (no data read)."""
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"{index} is not a valid shard index ({e}); re-download the checkpoint") from e
-        by_file: dict[str, list[str]] = {}
-        for k, fname in weight_map.items():
-            by_file.setdefault(fname, []).append(k)
-        absent = sorted(fn for fn in by_file if not (folder / fn).is_file())
-        if absent:
-            raise ModelLoadError(
-                f"{folder}: shard(s) {absent} listed in model.safetensors.index.json are missing; "
-                "re-download the checkpoint (all shards are needed)")
-        tensors: dict[str, np.ndarray] = {}
-        for fname, keys in sorted(by_file.items()):
-            tensors.update(_read_safetensors(folder / fname, keys))
-        return tensors
-    if single.is_file():
-        return _read_safetensors(single)
-    others = sorted(p.name for p in folder.glob("*.safetensors"))
-    if len(others) == 1:
-        return _read_safetensors(folder / others[0])
+    try:
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ModelLoadError(f"{index} is not a valid shard index ({e}); re-download the checkpoint") from e
+            by_file: dict[str, list[str]] = {}
+            for k, fname in weight_map.items():
+                by_file.setdefault(fname, []).append(k)
+            absent = sorted(fn for fn in by_file if not (folder / fn).is_file())
+            if absent:
+                raise ModelLoadError(
+                    f"{folder}: shard(s) {absent} listed in model.safetensors.index.json are missing; "
+                    "re-download the checkpoint (all shards are needed)")
+            entries: dict[str, TensorEntry] = {}
+            for fname, keys in sorted(by_file.items()):
+                header = read_safetensors_header(folder / fname)
+                for k in keys:
+                    if k not in header:
+                        raise ModelLoadError(
+                            f"{folder / fname}: tensor {k} listed in the shard index is missing from this file; "
+                            "re-download the checkpoint")
+                    entries[k] = header[k]
+            return entries
+        if single.is_file():
+            return read_safetensors_header(single)
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        if len(others) == 1:
+            return read_safetensors_header(folder / others[0])
+    except WeightStoreError as e:
+        raise ModelLoadError(str(e)) from e
     if (folder / "pytorch_model.bin").exists() or list(folder.glob("pytorch_model*.bin")):
         raise ModelLoadError(
             f"{folder} holds only PyTorch .bin weights; resq-jax reads safetensors. Convert once with "
@@ -261,6 +265,28 @@ def _read_folder_tensors(folder: Path) -> dict[str, np.ndarray]:
     raise ModelLoadError(
         f"{folder} has no model.safetensors or model.safetensors.index.json; point --model at a complete "
         "transformers checkpoint folder, a .gguf file, or a hub id")
+
+
+def _transposed(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.T)
+
+
+def hf_weight_store(config: ModelConfig, entries: Mapping[str, TensorEntry], source: str) -> WeightStore:
+    """The contract weights of HF-named safetensors tensors (linears ``[d_out, d_in]`` in the files,
+    ``[d_in, d_out]`` in the store), checked like ``from_hf_state_dict`` but without reading any data."""
+    names = _check_hf_names(config, entries, source)
+    want = expected_shapes(config)
+    sources = {}
+    for name, (hf, linear) in names.items():
+        e = entries[hf]
+        stored = tuple(reversed(want[name])) if linear else want[name]
+        if e.shape != stored:
+            raise ModelLoadError(
+                f"{e.file}: tensor {hf} has shape {list(e.shape)}, the config implies {list(stored)}; the "
+                "checkpoint and its config.json disagree")
+        sources[name] = TensorSource(entry=e, read=functools.partial(read_safetensor, e), shape=want[name],
+                                     post=_transposed if linear else None)
+    return WeightStore(sources, source)
 
 
 def _load_tokenizer_folder(folder: Path):
@@ -290,7 +316,7 @@ def load_hf_folder(folder: str | os.PathLike, *, with_tokenizer: bool = True) ->
     except ValueError as e:
         raise ModelLoadError(f"{cfg_path} is not valid JSON ({e})") from e
     config = config_from_hf(hf_cfg)  # raises ModelConfigError for unsupported architectures
-    weights = from_hf_state_dict(config, _read_folder_tensors(folder), source=str(folder))
+    weights = hf_weight_store(config, _folder_entries(folder), source=str(folder))
     tokenizer = _load_tokenizer_folder(folder) if with_tokenizer else None
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=str(folder))
 
@@ -441,6 +467,14 @@ def _dequantize(t) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(w, dtype=np.float32).reshape(shape))
 
 
+def _gguf_post(w: np.ndarray, heads: int | None, linear: bool) -> np.ndarray:
+    """A dequantized GGUF tensor (HF layout) -> the contract's: llama.cpp's q/k row order undone, linears
+    transposed."""
+    if heads is not None:
+        w = unpermute_rope_rows_gguf(w, heads)
+    return np.ascontiguousarray(w.T) if linear else w
+
+
 def _open_gguf(path: Path):
     import gguf
 
@@ -463,36 +497,40 @@ def _load_tokenizer_gguf(path: Path, reader):
 
 
 def load_gguf(path: str | os.PathLike, *, with_tokenizer: bool = True) -> LoadedModel:
-    """Load a llama or qwen2 GGUF file, dequantizing every tensor to float32."""
+    """Load a llama or qwen2 GGUF file; each tensor is read and dequantized to float32 when a stage asks for it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     reader = _open_gguf(path)
     config, tensors = _config_from_gguf(reader, path)
-    weights: dict[str, np.ndarray] = {}
-    try:
-        for name in expected_shapes(config):
-            if name.startswith("layers."):
-                _, i, suffix = name.split(".", 2)
-                gname = f"blk.{i}.{_GGUF_LAYER[suffix]}"
-            else:
-                suffix, gname = name, _GGUF_GLOBAL[name]
-            t = tensors.get(gname)
-            if t is None:
-                raise ModelLoadError(f"{path}: GGUF lacks tensor {gname}; the file is incomplete")
-            w = _dequantize(t)  # HF layout: linears [d_out, d_in]
-            if config.arch == "llama" and suffix in ("q", "q_bias"):
-                w = unpermute_rope_rows_gguf(w, config.num_heads)
-            elif config.arch == "llama" and suffix in ("k", "k_bias"):
-                w = unpermute_rope_rows_gguf(w, config.num_kv_heads)
-            weights[name] = np.ascontiguousarray(w.T) if suffix in _LINEAR else w
-    except ModelLoadError:
-        raise
-    except (ValueError, IndexError, TypeError) as e:
-        raise ModelLoadError(
-            f"cannot decode GGUF file {path}: {type(e).__name__}: {e}. The file is truncated or corrupt; "
-            "re-download it") from e
-    check_weights(config, weights, str(path))
+    want = expected_shapes(config)
+    sources = {}
+    for name in want:
+        if name.startswith("layers."):
+            _, i, suffix = name.split(".", 2)
+            gname = f"blk.{i}.{_GGUF_LAYER[suffix]}"
+        else:
+            suffix, gname = name, _GGUF_GLOBAL[name]
+        t = tensors.get(gname)
+        if t is None:
+            raise ModelLoadError(f"{path}: GGUF lacks tensor {gname}; the file is incomplete")
+        shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))  # HF layout: linears [d_out, d_in]
+        stored = tuple(reversed(want[name])) if suffix in _LINEAR else want[name]
+        if shape != stored:
+            raise ModelLoadError(f"{path}: tensor {gname} has shape {list(shape)}, the GGUF's own metadata "
+                                 f"implies {list(stored)}; the file is inconsistent: re-download it")
+        entry = TensorEntry(file=path, name=gname, dtype=t.tensor_type.name, shape=shape,
+                            start=int(t.data_offset), nbytes=int(t.n_bytes))
+        if entry.start + entry.nbytes > path.stat().st_size:
+            raise ModelLoadError(f"{path}: tensor {gname} ends past the end of the file; the file is truncated: "
+                                 "re-download it")
+        heads = (config.num_heads if suffix in ("q", "q_bias") else
+                 config.num_kv_heads if suffix in ("k", "k_bias") else None)
+        sources[name] = TensorSource(
+            entry=entry, read=functools.partial(read_gguf_tensor, entry, t.tensor_type), shape=want[name],
+            post=functools.partial(_gguf_post, heads=heads if config.arch == "llama" else None,
+                                   linear=suffix in _LINEAR))
+    weights = WeightStore(sources, str(path))
     tokenizer = _load_tokenizer_gguf(path, reader) if with_tokenizer else None
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=str(path))
 
