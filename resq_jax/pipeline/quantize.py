@@ -12,11 +12,13 @@ import numpy as np
 from resq_jax.calibration.statistics import CalibrationStats, calibrate
 from resq_jax.formats.bits import OFF
 from resq_jax.models.config import ModelConfig
+from resq_jax.models.streaming import LayerStreamer
 from resq_jax.pipeline.recipes import LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe, uses_gptq
 from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
 from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
 from resq_jax.quant.layouts import ActivationSpec, WeightSpec
 from resq_jax.quant.lqer import int_lowrank_codes, lqer_quantize_weights
+from resq_jax.quant.weights import gptq_weights_codes, rtn_weights_codes
 from resq_jax.rotation import fusion
 from resq_jax.rotation.transforms import Transforms, apply_transforms, quarot_transforms, resq_transforms
 from resq_jax.transforms.hadamard import hadamard_factor
@@ -75,8 +77,6 @@ def _int_lowrank(config: ModelConfig, w_float: Mapping[str, np.ndarray], w_q: Ma
     activation magnitudes of the transformed float model (a second calibration pass), the
     error is against the transformed float weights; A, B are int8. Returns (weights with the
     ``_lr_a`` / ``_lr_b`` matrices, their WeightCodes)."""
-    from resq_jax.models.streaming import LayerStreamer
-
     t0 = time.perf_counter()
     abs_mean = None
     if qc.recipe.lowrank == "l2qer":
@@ -149,8 +149,6 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
                    calib_windows: np.ndarray | None = None, *, stats: CalibrationStats | None = None,
                    progress: bool = True, log: Callable[[str], None] = lambda s: None) -> QuantizedModel:
     """The whole pipeline for one recipe: prepare -> calibrate -> transforms -> fuse -> quantize."""
-    from resq_jax.models.streaming import LayerStreamer
-
     recipe = qc.recipe
     check_hadamard_sizes(config, recipe)
     check_rank(config, qc)
@@ -186,14 +184,11 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
         hooks = FakeQuantHooks(activation_spec(config, qc)) if recipe.quantize else FakeQuantHooks(ActivationSpec())
         w_float = w
         if recipe.quantize:
-            from resq_jax.quant import weights as weight_quantization
-
             if uses_gptq(qc):
-                qw = weight_quantization.gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc),
-                                                            act_order=qc.act_order, damp=qc.damp,
-                                                            progress=progress, timings=details)
+                qw = gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc), act_order=qc.act_order,
+                                        damp=qc.damp, progress=progress, timings=details)
             else:
-                qw = weight_quantization.rtn_weights_codes(config, w, weight_spec(config, qc))
+                qw = rtn_weights_codes(config, w, weight_spec(config, qc))
             w, codes = qw.weights, qw.codes
             if hooks.spec.qk_bits < OFF and transforms.key is not None:
                 w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)

@@ -25,6 +25,7 @@ import numpy as np
 
 from resq_jax.formats.bits import OFF, check_bits
 from resq_jax.quant.gptq import DEFAULT_DAMP
+from resq_jax.quant.lqer import LQERConfigError, LQERSpec
 
 
 class QuantConfigError(ValueError):
@@ -208,8 +209,6 @@ class QuantConfig:
 
     def lqer_spec(self):
         """The LQERSpec of an MXINT recipe (weights, activation widths, rank, scaling)."""
-        from resq_jax.quant.lqer import LQERConfigError, LQERSpec
-
         w_format = self.w_format or "mxint"
         group = self.group_size if self.group_size is not None else (128 if w_format == "int" else None)
         try:

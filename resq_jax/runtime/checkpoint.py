@@ -30,6 +30,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from resq_jax.models.config import ModelConfig
+from resq_jax.models.loaders import expected_shapes
+from resq_jax.quant.fake_quant import FakeQuantHooks
+from resq_jax.quant.layouts import LINEARS, ActivationSpec
+from resq_jax.runtime.linear import LinearLayout
+from resq_jax.runtime.pack import PackedModel
 from resq_jax.util.files import json_default
 
 FORMAT = "resq-jax-packed"
@@ -213,8 +219,6 @@ def _tokenizer(path: Path):
 
 
 def _config(path: Path, meta: dict):
-    from resq_jax.models.config import ModelConfig
-
     try:
         return ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -266,8 +270,6 @@ def expected_packed_shapes(config, layouts: Mapping, embedding: Mapping | None =
                            ) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array name: (shape, dtype)} that a packed model of ``config`` with ``layouts`` and
     ``embedding`` (PackedModel.embedding; None: float tables) must have."""
-    from resq_jax.quant.layouts import LINEARS
-
     d = config.hidden_size
     out = {"norm": ((d,), "float32"), **_embedding_shapes(config, embedding or {"bits": 16})}
     for i in range(config.num_layers):
@@ -302,8 +304,6 @@ def optional_packed_shapes(config) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _check_layouts(path: Path, config, layouts: Mapping):
-    from resq_jax.quant.layouts import LINEARS
-
     d, ffn = config.hidden_size, config.intermediate_size
     dims = {"q": (d, config.q_size), "k": (d, config.kv_size), "v": (d, config.kv_size), "o": (config.q_size, d),
             "gate": (d, ffn), "up": (d, ffn), "down": (ffn, d)}
@@ -361,9 +361,6 @@ def _check_same_model(path: Path, config, expect_config):
 def load_packed(path: str | os.PathLike, *, expect_config=None) -> LoadedPacked:
     """Read a packed checkpoint (checked: see the module docstring). ``expect_config``: the
     ModelConfig the caller intends to run (a mismatch is an error naming the differing fields)."""
-    from resq_jax.quant.layouts import ActivationSpec
-    from resq_jax.runtime.linear import LinearLayout
-    from resq_jax.runtime.pack import PackedModel
 
     path = Path(path)
     meta = _read_meta(path)
@@ -430,8 +427,6 @@ def save_fake_quant(path: str | os.PathLike, qm, loaded, *, force: bool = False)
 
 
 def load_fake_quant(path: str | os.PathLike) -> LoadedCheckpoint:
-    from resq_jax.quant.fake_quant import FakeQuantHooks
-    from resq_jax.quant.layouts import ActivationSpec
 
     path = Path(path)
     meta = _read_meta(path)
@@ -448,8 +443,6 @@ def load_fake_quant(path: str | os.PathLike) -> LoadedCheckpoint:
 
 
 def _check_fake_quant_shapes(config, weights: dict, path: Path):
-    from resq_jax.models.loaders import expected_shapes
-
     for k, shape in expected_shapes(config).items():
         if k not in weights:
             raise CheckpointError(f"checkpoint {path} lacks array {k!r}; it is incomplete: {RERUN}")

@@ -13,6 +13,7 @@ from resq_jax.formats.bits import OFF
 from resq_jax.formats.integer import quantize_mixed
 from resq_jax.formats.packing import pack_int4, signed_shift, unpack_int4
 from resq_jax.models.config import ModelConfig
+from resq_jax.models.decoder import init_cache
 from resq_jax.quant.layouts import ActivationSpec
 from resq_jax.util.trees import pytree_dataclass as pytree_dataclass
 
@@ -91,8 +92,6 @@ class QuantizedKVCache:
 def init_packed_cache(config: ModelConfig, spec: ActivationSpec, batch: int, max_len: int) -> list:
     """Empty quantized K/V cache per layer (a float cache from models.decoder.init_cache when the
     KV cache is not quantized, kv_bits >= 16)."""
-    from resq_jax.models.decoder import init_cache
-
     if spec.kv_bits >= OFF:
         return init_cache(config, batch, max_len)
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)

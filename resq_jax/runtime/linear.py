@@ -16,7 +16,7 @@ from resq_jax.formats.bits import OFF
 from resq_jax.formats.integer import quantize_mixed
 from resq_jax.formats.packing import pack_int4_np, signed_shift, unpack_int4, unpack_int4_np
 from resq_jax.kernels.gemm_reference import PackedWeights, int_dot
-from resq_jax.kernels.mixed_gemm import mixed_gemm, quantize_pack
+from resq_jax.kernels.mixed_gemm import IMPLS, mixed_gemm, quantize_pack, select_impl
 from resq_jax.quant.fake_quant import FakeQuantHooks
 
 _F32 = jnp.float32
@@ -178,8 +178,6 @@ class PackedLinear(nnx.Module):
     ``lr_b`` [1, k, N], ``lr_b_colsum`` int32 [1, N], ``lr_b_scale`` f32 [N]."""
 
     def __init__(self, layout: LinearLayout, arrays: Mapping[str, np.ndarray], impl: str = "auto"):
-        from resq_jax.kernels.mixed_gemm import IMPLS
-
         if impl not in (*IMPLS, "f32"):
             raise ValueError(f"impl must be one of {(*IMPLS, 'f32')}, got {impl!r}")
         self.layout = layout
@@ -258,8 +256,6 @@ class PackedLinear(nnx.Module):
         """x: [..., K] -> y: [..., N] (computed in float32, returned in x's dtype). With impl
         "triton" (or "auto" on a GPU with jax_triton) a linear that ``triton_applies`` runs the
         Triton kernels; the others, and every linear on CPU, XLA's integer dot below."""
-        from resq_jax.kernels.mixed_gemm import select_impl
-
         if self.impl not in ("jnp", "f32") and self.triton_applies() and select_impl(self.impl) == "triton":
             return self._mixed_gemm(x, "triton").astype(x.dtype)
         lead = x.shape[:-1]

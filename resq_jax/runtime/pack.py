@@ -55,9 +55,10 @@ from resq_jax.formats.bits import OFF
 from resq_jax.formats.integer import WeightCodes, dequantize_weight
 from resq_jax.formats.packing import pack_int4_np, unpack_int4_np
 from resq_jax.models.config import ModelConfig
-from resq_jax.models.decoder import Decoder
+from resq_jax.models.decoder import Decoder, from_weights
+from resq_jax.quant.embeddings import EmbeddingCodes, TableCodes
 from resq_jax.quant.fake_quant import FakeQuantHooks
-from resq_jax.quant.layouts import LINEARS, ActivationSpec
+from resq_jax.quant.layouts import LINEARS, ActivationSpec, head_high_last_permutation
 from resq_jax.runtime.linear import ActQuant, LinearLayout, PackedHooks, PackedLinear, pack_block_np
 
 _F32 = jnp.float32
@@ -171,8 +172,6 @@ def _check_packable(qm) -> ActivationSpec:
 def _row_perm(config: ModelConfig, lay: LinearLayout, key: str) -> np.ndarray | None:
     """The stored row order of linear ``key`` (``layers.{i}.{name}``): o_proj with high rows has
     every head's high rows last (quant.layouts.head_high_last_permutation); None for the others."""
-    from resq_jax.quant.layouts import head_high_last_permutation
-
     if key.endswith(".o") and lay.high_rows:
         return head_high_last_permutation(config.num_heads, config.head_dim, lay.high_rows)
     return None
@@ -244,8 +243,6 @@ def embedding_arrays(emb) -> dict[str, np.ndarray]:
 
 def embedding_codes(arrays: Mapping[str, np.ndarray], embedding: Mapping):
     """The inverse of embedding_arrays: EmbeddingCodes from stored arrays and their description."""
-    from resq_jax.quant.embeddings import EmbeddingCodes, TableCodes
-
     bits = int(embedding["bits"])
 
     def table(name):
@@ -307,8 +304,6 @@ def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
     GEMM of the linears (PackedLinear): "auto" (Triton kernels on an NVIDIA GPU, XLA elsewhere),
     "jnp" (XLA's integer dot everywhere), "triton", or "f32" (float32 dots of the integer codes
     in exact chunks: the same int32 accumulators, hence bit-identical outputs to "jnp")."""
-    from resq_jax.models.decoder import from_weights
-
     weights: dict = {k: np.asarray(v, np.float32) for k, v in pm.arrays.items()
                      if k in ("embed", "lm_head", "norm") or k.rsplit(".", 1)[-1] in ("attn_norm", "mlp_norm",
                                                                                         "key_rotation")}
