@@ -225,7 +225,6 @@ def _write_gguf(path: Path, arch: str, model, *, quant_q8: tuple[str, ...] = (),
     for p in "qkv":
         layer[f"self_attn.{p}_proj.weight"] = f"attn_{p}.weight"
         layer[f"self_attn.{p}_proj.bias"] = f"attn_{p}.bias"
-    expected = {}
     for name, t in sd.items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
