@@ -9,6 +9,7 @@ rotation, are part of the model and do apply).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -59,10 +60,10 @@ def _unpermute(rows: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
 
 def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: WeightSpec) -> QuantizedWeights:
     """Every decoder linear quantized with round-to-nearest (embeddings, lm_head untouched)."""
-    out = dict(weights)
     codes: dict[str, WeightCodes] = {}
     if spec.w_bits >= OFF:
-        return QuantizedWeights(out, codes)
+        return QuantizedWeights(dict(weights), codes)
+    quantized = {}
     for i in range(config.num_layers):
         for name in LINEARS:
             key = f"layers.{i}.{name}"
@@ -70,8 +71,20 @@ def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], sp
             w = np.asarray(weights[key], np.float32)
             codes[key] = quantize_weight_sym(jnp.asarray(w if perm is None else w[perm]), spec.w_bits,
                                              spec.high_bits, high, spec.clip_search)
-            out[key] = _unpermute(np.asarray(dequantize_weight(codes[key])), perm)
-    return QuantizedWeights(out, codes)
+            quantized[key] = _unpermute(np.asarray(dequantize_weight(codes[key])), perm)
+    return QuantizedWeights(_merged(weights, quantized), codes)
+
+
+def _merged(weights: Mapping[str, np.ndarray], quantized: Mapping[str, np.ndarray]) -> dict:
+    """Every entry of ``weights`` in its order, the quantized linears replacing theirs; each other entry read
+    once (``weights`` may be a view computed on access)."""
+    return {k: quantized[k] if k in quantized else weights[k] for k in weights}
+
+
+def _layer_entries(weights: Mapping[str, np.ndarray], i: int) -> dict:
+    """Layer i's entries read once (a view computes each on access; GPTQ builds the layer five times)."""
+    prefix = f"layers.{i}."
+    return {k: weights[k] for k in weights if k.startswith(prefix)}
 
 
 # The four stages of one layer, each a jitted function of the layer (graphdef, state) and the
@@ -166,10 +179,13 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
     q/k/v; the attention output a (cached per batch) and the o_proj Hessian; quantize o; the
     residual x1 = x + o(a) (cached) and the gate/up Hessian; quantize gate/up; the down_proj
     Hessian from x1; quantize down; the next layer's input x1 + mlp(x1)."""
-    out = dict(weights)
     codes: dict[str, WeightCodes] = {}
     if spec.w_bits >= OFF:
-        return QuantizedWeights(out, codes)
+        return QuantizedWeights(dict(weights), codes)
+    # quantized linears first, then the current layer's float entries (read once), then the rest on demand:
+    # the float model is never whole in memory when ``weights`` is a view
+    quantized: dict[str, np.ndarray] = {}
+    out = collections.ChainMap(quantized, {}, weights)
     windows = np.asarray(windows, np.int32)
     streamer = LayerStreamer.from_weights(config, out)  # embeddings only: layers are built below
     positions, rope = streamer.rope(windows.shape[1])
@@ -186,6 +202,7 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
 
     for i in range(config.num_layers):
         t0 = time.perf_counter()
+        out.maps[1] = _layer_entries(weights, i)
         g, s = split()
         _gptq_group(out, codes, config, i, ("q", "k", "v"),
                     total([_stage_attn_in(g, s, x, rope, positions) for x in xs]), spec, act_order, damp)
@@ -211,7 +228,8 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
         bar.close()
     if timings is not None:
         timings["gptq_per_layer"] = per_layer
-    return QuantizedWeights(out, codes)
+    out.maps[1] = {}
+    return QuantizedWeights(_merged(weights, quantized), codes)
 
 
 def _layer(config: ModelConfig, weights: Mapping[str, np.ndarray], i: int):

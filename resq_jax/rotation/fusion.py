@@ -1,16 +1,19 @@
 """Function-preserving weight transforms (docs/algorithms.md, Norm folding and fusion).
 
-Every function takes a weights dict (naming contract in models/config.py, linear weights
+Every function takes a weights mapping (naming contract in models/config.py, linear weights
 [d_in, d_out]) and returns a new one; inputs are never modified. Arithmetic in float64, the
 result cast back to float32.
 
   untie_embeddings   lm_head = embed^T (must precede folding: the final norm folds into lm_head only)
   fold_norms         RMSNorm gains into the next linears' input rows; gains set to 1
   FoldedWeights      untie + fold as a view computed per entry on access (no second model in memory)
-  rotate_residual    residual-stream basis U [d, d]: E U, U^T W_in, W_out U, U^T W_head
-  rotate_values      per layer and KV head U_v [hd, hd]: v columns @ U_v (bias too), o rows U_v^T @
-  set_key_rotation   online q/k rotation after RoPE, per layer [hd, hd]
-  fuse_down_hadamard down_proj rows H @ W (H normalized Hadamard of size ffn), H applied online
+  rotated_residual   residual-stream basis U [d, d]: E U, U^T W_in, W_out U, U^T W_head
+  rotated_values     per layer and KV head U_v [hd, hd]: v columns @ U_v (bias too), o rows U_v^T @
+  with_key_rotation  online q/k rotation after RoPE, per layer [hd, hd]
+  with_down_hadamard down_proj rows H @ W (H normalized Hadamard of size ffn), H applied online
+
+The four transforms are views (``LazyWeights``) computed per entry on access; ``rotate_residual``,
+``rotate_values``, ``set_key_rotation`` and ``fuse_down_hadamard`` are the same views materialized.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from resq_jax.models.config import ModelConfig
+from resq_jax.transforms.fwht import hadamard_transform_np
 
 Weights = dict[str, np.ndarray]
 
@@ -110,67 +114,143 @@ def _check_folded(config: ModelConfig, weights: Mapping[str, np.ndarray]):
                          "(call untie_embeddings and fold_norms first)")
 
 
-def rotate_residual(config: ModelConfig, weights: Mapping[str, np.ndarray], u: np.ndarray) -> Weights:
-    """Change the residual stream's basis to x U, U: [d, d] orthogonal. Function-preserving."""
+class LazyWeights(Mapping):
+    """A weights mapping computed from ``base`` one entry at a time on access, nothing cached.
+
+    ``entry(key)`` returns the new value of ``key`` or None to pass ``base[key]`` through; ``extra`` lists keys
+    the transform adds (after the base's, in order), which ``entry`` must produce. A chain of these views is
+    the fused model: reading ``layers.3.q`` runs the float64 products of that one tensor, so the transformed
+    model never exists whole in memory. The values are those of the eager functions below (which are
+    ``dict(view)``): each view applies the same float64 operations to the same float32 inputs."""
+
+    def __init__(self, base: Mapping[str, np.ndarray], entry, extra=()):
+        self._base, self._entry = base, entry
+        self._keys = dict.fromkeys([*base, *extra])
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def __getitem__(self, key: str):
+        if key not in self._keys:
+            raise KeyError(key)
+        value = self._entry(key)
+        return self._base[key] if value is None else value
+
+
+def _layer_key(key: str) -> tuple[int, str] | None:
+    """``layers.{i}.{name}`` -> (i, name); None for global entries."""
+    if not key.startswith("layers."):
+        return None
+    _, i, name = key.split(".", 2)
+    return int(i), name
+
+
+def rotated_residual(config: ModelConfig, weights: Mapping[str, np.ndarray], u: np.ndarray) -> LazyWeights:
+    """The residual stream's basis changed to x U, U: [d, d] orthogonal (a view). Function-preserving."""
     _check_folded(config, weights)
     u = _f64(u)
-    out = dict(weights)
-    out["embed"] = _f32(_f64(weights["embed"]) @ u)
-    out["lm_head"] = _f32(u.T @ _f64(weights["lm_head"]))
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
-        for name in _RESIDUAL_INPUTS:
-            out[p + name] = _f32(u.T @ _f64(weights[p + name]))
-        for name in _RESIDUAL_OUTPUTS:
-            out[p + name] = _f32(_f64(weights[p + name]) @ u)
-            if p + name + "_bias" in weights:
-                out[p + name + "_bias"] = _f32(_f64(weights[p + name + "_bias"]) @ u)
-    return out
+
+    def entry(key):
+        if key == "embed":
+            return _f32(_f64(weights["embed"]) @ u)
+        if key == "lm_head":
+            return _f32(u.T @ _f64(weights["lm_head"]))
+        layer = _layer_key(key)
+        if layer is None:
+            return None
+        name = layer[1]
+        if name in _RESIDUAL_INPUTS:
+            return _f32(u.T @ _f64(weights[key]))
+        if name in _RESIDUAL_OUTPUTS or name.removesuffix("_bias") in _RESIDUAL_OUTPUTS:
+            return _f32(_f64(weights[key]) @ u)
+        return None
+
+    return LazyWeights(weights, entry)
 
 
-def rotate_values(config: ModelConfig, weights: Mapping[str, np.ndarray], u_value: np.ndarray) -> Weights:
-    """u_value: [L, KV, hd, hd]: v head h's output columns @ U (and its bias); the o_proj input
-    rows of every query head in h's GQA group <- U^T @ rows."""
+def rotated_values(config: ModelConfig, weights: Mapping[str, np.ndarray], u_value: np.ndarray) -> LazyWeights:
+    """u_value: [L, KV, hd, hd]: v head h's output columns @ U (and its bias); the o_proj input rows of every
+    query head in h's GQA group <- U^T @ rows (a view)."""
     hd, kv, g = config.head_dim, config.num_kv_heads, config.group_size
     u_value = _f64(u_value)
     if u_value.shape != (config.num_layers, kv, hd, hd):
         raise ValueError(f"u_value must be [{config.num_layers}, {kv}, {hd}, {hd}], got {u_value.shape}")
-    out = dict(weights)
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
+
+    def entry(key):
+        layer = _layer_key(key)
+        if layer is None:
+            return None
+        i, name = layer
         u = u_value[i]
-        v = _f64(weights[p + "v"]).reshape(-1, kv, hd)
-        out[p + "v"] = _f32(np.einsum("ikh,khj->ikj", v, u).reshape(-1, kv * hd))
-        if p + "v_bias" in weights:
-            b = _f64(weights[p + "v_bias"]).reshape(kv, hd)
-            out[p + "v_bias"] = _f32(np.einsum("kh,khj->kj", b, u).reshape(-1))
-        o = _f64(weights[p + "o"]).reshape(kv, g, hd, -1)  # query head = kv_head * g + j
-        out[p + "o"] = _f32(np.einsum("khj,kgho->kgjo", u, o).reshape(kv * g * hd, -1))
-    return out
+        if name == "v":
+            v = _f64(weights[key]).reshape(-1, kv, hd)
+            return _f32(np.einsum("ikh,khj->ikj", v, u).reshape(-1, kv * hd))
+        if name == "v_bias":
+            b = _f64(weights[key]).reshape(kv, hd)
+            return _f32(np.einsum("kh,khj->kj", b, u).reshape(-1))
+        if name == "o":
+            o = _f64(weights[key]).reshape(kv, g, hd, -1)  # query head = kv_head * g + j
+            return _f32(np.einsum("khj,kgho->kgjo", u, o).reshape(kv * g * hd, -1))
+        return None
+
+    return LazyWeights(weights, entry)
 
 
-def set_key_rotation(config: ModelConfig, weights: Mapping[str, np.ndarray], k_rot: np.ndarray) -> Weights:
-    """k_rot: [L, hd, hd], applied online to q and k after RoPE (q.k unchanged when orthogonal)."""
+def with_key_rotation(config: ModelConfig, weights: Mapping[str, np.ndarray], k_rot: np.ndarray) -> LazyWeights:
+    """k_rot: [L, hd, hd], applied online to q and k after RoPE (q.k unchanged when orthogonal); a view."""
     k_rot = np.asarray(k_rot)
     if k_rot.shape != (config.num_layers, config.head_dim, config.head_dim):
         raise ValueError(f"k_rot must be [{config.num_layers}, {config.head_dim}, {config.head_dim}], "
                          f"got {k_rot.shape}")
-    out = dict(weights)
-    for i in range(config.num_layers):
-        out[f"layers.{i}.key_rotation"] = _f32(k_rot[i])
-    return out
+    keys = [f"layers.{i}.key_rotation" for i in range(config.num_layers)]
+    added = set(keys)
+
+    def entry(key):
+        return _f32(k_rot[_layer_key(key)[0]]) if key in added else None
+
+    return LazyWeights(weights, entry, extra=[k for k in keys if k not in weights])
+
+
+def with_down_hadamard(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> LazyWeights:
+    """down_proj W <- H W with H the normalized Hadamard of size ffn; the decoder applies g -> g H^T online,
+    so (g H^T)(H W) = g W (a view)."""
+    n = config.intermediate_size
+    keys = [f"layers.{i}.down_hadamard" for i in range(config.num_layers)]
+    added = set(keys)
+
+    def entry(key):
+        if key in added:
+            return n
+        layer = _layer_key(key)
+        if layer is not None and layer[1] == "down":
+            w_t = _f64(weights[key]).T  # [d, ffn]: each row r -> H r, i.e. r @ H^T
+            return _f32(hadamard_transform_np(w_t).T)
+        return None
+
+    return LazyWeights(weights, entry, extra=[k for k in keys if k not in weights])
+
+
+def rotate_residual(config: ModelConfig, weights: Mapping[str, np.ndarray], u: np.ndarray) -> Weights:
+    """``rotated_residual`` materialized."""
+    return dict(rotated_residual(config, weights, u))
+
+
+def rotate_values(config: ModelConfig, weights: Mapping[str, np.ndarray], u_value: np.ndarray) -> Weights:
+    """``rotated_values`` materialized."""
+    return dict(rotated_values(config, weights, u_value))
+
+
+def set_key_rotation(config: ModelConfig, weights: Mapping[str, np.ndarray], k_rot: np.ndarray) -> Weights:
+    """``with_key_rotation`` materialized."""
+    return dict(with_key_rotation(config, weights, k_rot))
 
 
 def fuse_down_hadamard(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> Weights:
-    """down_proj W <- H W with H the normalized Hadamard of size ffn; the decoder applies
-    g -> g H^T online, so (g H^T)(H W) = g W."""
-    from resq_jax.transforms.fwht import hadamard_transform_np
-
-    n = config.intermediate_size
-    out = dict(weights)
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
-        w_t = _f64(weights[p + "down"]).T  # [d, ffn]: each row r -> H r, i.e. r @ H^T
-        out[p + "down"] = _f32(hadamard_transform_np(w_t).T)
-        out[p + "down_hadamard"] = n
-    return out
+    """``with_down_hadamard`` materialized."""
+    return dict(with_down_hadamard(config, weights))

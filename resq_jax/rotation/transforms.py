@@ -47,16 +47,17 @@ def quarot_transforms(config: ModelConfig, seed: int) -> Transforms:
                       key=np.broadcast_to(h_head, (n_layers, hd, hd)).copy(), down_hadamard=True)
 
 
-def apply_transforms(config: ModelConfig, weights: Mapping[str, np.ndarray], t: Transforms) -> dict:
-    """Fuse the transforms into (untied, folded) weights; the key rotation and the down_proj
-    Hadamard are also installed as online transforms."""
-    w = dict(weights)
+def apply_transforms(config: ModelConfig, weights: Mapping[str, np.ndarray], t: Transforms) -> Mapping:
+    """Fuse the transforms into (untied, folded) weights; the key rotation and the down_proj Hadamard are also
+    installed as online transforms. A view (fusion.LazyWeights): each entry is computed from ``weights`` when
+    read, so the transformed model is never whole in memory; ``dict(...)`` materializes it."""
+    w = weights
     if t.residual is not None:
-        w = fusion.rotate_residual(config, w, t.residual)
+        w = fusion.rotated_residual(config, w, t.residual)
     if t.value is not None:
-        w = fusion.rotate_values(config, w, t.value)
+        w = fusion.rotated_values(config, w, t.value)
     if t.key is not None:
-        w = fusion.set_key_rotation(config, w, t.key)
+        w = fusion.with_key_rotation(config, w, t.key)
     if t.down_hadamard:
-        w = fusion.fuse_down_hadamard(config, w)
+        w = fusion.with_down_hadamard(config, w)
     return w
