@@ -504,6 +504,7 @@ def load_gguf(path: str | os.PathLike, *, with_tokenizer: bool = True) -> Loaded
     reader = _open_gguf(path)
     config, tensors = _config_from_gguf(reader, path)
     want = expected_shapes(config)
+    file_size = path.stat().st_size
     sources = {}
     for name in want:
         if name.startswith("layers."):
@@ -521,7 +522,7 @@ def load_gguf(path: str | os.PathLike, *, with_tokenizer: bool = True) -> Loaded
                                  f"implies {list(stored)}; the file is inconsistent: re-download it")
         entry = TensorEntry(file=path, name=gname, dtype=t.tensor_type.name, shape=shape,
                             start=int(t.data_offset), nbytes=int(t.n_bytes))
-        if entry.start + entry.nbytes > path.stat().st_size:
+        if entry.start + entry.nbytes > file_size:
             raise ModelLoadError(f"{path}: tensor {gname} ends past the end of the file; the file is truncated: "
                                  "re-download it")
         heads = (config.num_heads if suffix in ("q", "q_bias") else

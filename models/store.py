@@ -16,7 +16,6 @@ Sources:
   the file and the tensor named.
 * GGUF: each tensor's block-quantized bytes are read and dequantized (``gguf.quants``) on access; llama.cpp's
   q/k row permutation is undone then.
-* in memory (``WeightStore.from_arrays``): tests and small tools.
 
 Conversions are exact: float16, bfloat16 and the float8 formats widen to float32 without rounding (through
 ``ml_dtypes``, which jax depends on); float64 is rounded to float32 as the previous eager loaders did.
@@ -144,16 +143,6 @@ class WeightStore(Mapping):
     def __init__(self, sources: Mapping[str, TensorSource], source: str = "weights"):
         self._sources = dict(sources)
         self.source = source
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray], source: str = "arrays") -> "WeightStore":
-        """A store over arrays already in memory (returned as float32 on access)."""
-        def src(name, a):
-            a = np.asarray(a)
-            entry = TensorEntry(file=Path(source), name=name, dtype=a.dtype.name, shape=tuple(a.shape), start=0,
-                                nbytes=a.nbytes)
-            return TensorSource(entry=entry, read=lambda: np.asarray(a, dtype=np.float32), shape=tuple(a.shape))
-        return cls({k: src(k, v) for k, v in arrays.items()}, source)
 
     def __getitem__(self, name: str) -> np.ndarray:
         s = self._sources[name]

@@ -23,7 +23,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from resq_jax.models.config import ModelConfig
+from resq_jax.models.config import ModelConfig, config_from_hf
 from resq_jax.models.loaders import expected_shapes, hf_name_map
 from resq_jax.util.files import atomic_file
 
@@ -124,8 +124,6 @@ def write_random_model(out: str | os.PathLike, shape: str, layers: int | None = 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SyntheticModelError(f"{out} exists and is not empty; choose a new folder")
-    from resq_jax.models.config import config_from_hf
-
     config = config_from_hf(cfg)
     plan = _tensor_plan(config)
     shards: list[list[tuple[str, tuple[int, ...], str, float, int]]] = [[]]

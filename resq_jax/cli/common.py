@@ -79,6 +79,14 @@ def eval_sets(tokenizer, texts: Sequence[str] | None, windows: int, seq_len: int
 
 
 
+def guarded(run, args) -> int:
+    """``run(args)``, a UserError ending the program with its one line (``fail``)."""
+    try:
+        return run(args)
+    except UserError as e:
+        fail(e)
+
+
 def fail(e: Exception) -> NoReturn:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -18,7 +18,7 @@ from resq_jax.cli.common import (
     add_model_args,
     check_positive,
     eval_sets,
-    fail,
+    guarded,
     load,
 )
 from resq_jax.cli.table import format_table
@@ -41,11 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        fail(e)
+    return guarded(run, parse_args(argv))
 
 
 def run(args) -> int:

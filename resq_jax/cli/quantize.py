@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from resq_jax.cli.common import UserError, add_eval_args, add_model_args, check_positive, eval_sets, fail, load
+from resq_jax.cli.common import UserError, add_eval_args, add_model_args, check_positive, eval_sets, guarded, load
 from resq_jax.cli.table import format_table
 from resq_jax.util.files import write_json_atomic
 
@@ -113,11 +113,7 @@ def quant_configs(args, methods: list[str]) -> list:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        fail(e)
+    return guarded(run, parse_args(argv))
 
 
 def run(args) -> int:

@@ -61,59 +61,6 @@ def fold_norms(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> Weight
 _NORM_OF = {"q": "attn_norm", "k": "attn_norm", "v": "attn_norm", "gate": "mlp_norm", "up": "mlp_norm"}
 
 
-class FoldedWeights(Mapping):
-    """``fold_norms(*untie_embeddings(config, weights))`` computed one entry at a time on access.
-
-    Nothing is copied up front and nothing is cached: reading ``layers.3.q`` returns
-    attn_norm-gain * q (float64 product, float32 result), reading a norm returns ones, and
-    ``lm_head`` is norm-gain * embed^T when the model is tied. Calibration streams the layers
-    through this view, so it holds the original model plus one folded layer, not two models.
-    ``config`` is the untied configuration (``FoldedWeights.untied_config``).
-    """
-
-    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray]):
-        self._config = config
-        self._weights = weights
-        self._keys = dict.fromkeys([*weights, "lm_head"])  # ordered, O(1) membership
-
-    @property
-    def untied_config(self) -> ModelConfig:
-        return dataclasses.replace(self._config, tie_word_embeddings=False)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __contains__(self, key):
-        return key in self._keys
-
-    def __getitem__(self, key: str):
-        w = self._weights
-        if key == "lm_head":
-            tied = self._config.tie_word_embeddings or "lm_head" not in w
-            head = _f64(w["embed"]).T if tied else _f64(w["lm_head"])
-            return np.ascontiguousarray(_f32(_f64(w["norm"])[:, None] * head))
-        if key not in w:
-            raise KeyError(key)
-        prefix, _, name = key.rpartition(".")
-        if key == "norm" or (prefix and name in ("attn_norm", "mlp_norm")):
-            return np.ones_like(w[key], dtype=np.float32)
-        if prefix.startswith("layers.") and name in _NORM_OF:
-            g = _f64(w[f"{prefix}.{_NORM_OF[name]}"])
-            return _f32(g[:, None] * _f64(w[key]))
-        return w[key]
-
-
-def _check_folded(config: ModelConfig, weights: Mapping[str, np.ndarray]):
-    gains = [weights["norm"]] + [weights[f"layers.{i}.{n}"] for i in range(config.num_layers)
-                                 for n in ("attn_norm", "mlp_norm")]
-    if config.tie_word_embeddings or any(not np.all(np.asarray(g) == 1) for g in gains):
-        raise ValueError("rotating the residual stream needs untied embeddings and folded norms "
-                         "(call untie_embeddings and fold_norms first)")
-
-
 class LazyWeights(Mapping):
     """A weights mapping computed from ``base`` one entry at a time on access, nothing cached.
 
@@ -141,6 +88,47 @@ class LazyWeights(Mapping):
             raise KeyError(key)
         value = self._entry(key)
         return self._base[key] if value is None else value
+
+
+class FoldedWeights(LazyWeights):
+    """``fold_norms(*untie_embeddings(config, weights))`` computed one entry at a time on access.
+
+    Nothing is copied up front and nothing is cached: reading ``layers.3.q`` returns
+    attn_norm-gain * q (float64 product, float32 result), reading a norm returns ones, and
+    ``lm_head`` is norm-gain * embed^T when the model is tied. Calibration streams the layers
+    through this view, so it holds the original model plus one folded layer, not two models.
+    ``config`` is the untied configuration (``FoldedWeights.untied_config``).
+    """
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray]):
+        self._config = config
+
+        def entry(key):
+            if key == "lm_head":
+                tied = config.tie_word_embeddings or "lm_head" not in weights
+                head = _f64(weights["embed"]).T if tied else _f64(weights["lm_head"])
+                return np.ascontiguousarray(_f32(_f64(weights["norm"])[:, None] * head))
+            prefix, _, name = key.rpartition(".")
+            if key == "norm" or (prefix and name in ("attn_norm", "mlp_norm")):
+                return np.ones_like(weights[key], dtype=np.float32)
+            if prefix.startswith("layers.") and name in _NORM_OF:
+                g = _f64(weights[f"{prefix}.{_NORM_OF[name]}"])
+                return _f32(g[:, None] * _f64(weights[key]))
+            return None
+
+        super().__init__(weights, entry, extra=["lm_head"])
+
+    @property
+    def untied_config(self) -> ModelConfig:
+        return dataclasses.replace(self._config, tie_word_embeddings=False)
+
+
+def _check_folded(config: ModelConfig, weights: Mapping[str, np.ndarray]):
+    gains = [weights["norm"]] + [weights[f"layers.{i}.{n}"] for i in range(config.num_layers)
+                                 for n in ("attn_norm", "mlp_norm")]
+    if config.tie_word_embeddings or any(not np.all(np.asarray(g) == 1) for g in gains):
+        raise ValueError("rotating the residual stream needs untied embeddings and folded norms "
+                         "(call untie_embeddings and fold_norms first)")
 
 
 def _layer_key(key: str) -> tuple[int, str] | None:
