@@ -282,17 +282,16 @@ VOCAB_CHUNK = 8192
 def chunked_nll(h: jnp.ndarray, w_vd: jnp.ndarray, target: jnp.ndarray, chunk: int = VOCAB_CHUNK) -> jnp.ndarray:
     """h: [N, d] float32 normed hidden; w_vd: [V, d] output matrix; target: [N] ids -> [N]
     cross-entropy logsumexp(h @ w_vd.T) - (h @ w_vd.T)[target], one [N, chunk] logit block at
-    a time (online logsumexp; V is padded to a multiple of ``chunk`` with masked rows)."""
+    a time (online logsumexp). The full chunks are read in place (dynamic slices, so the matrix is
+    never copied: a 7B model's head is 2.2 GB in float32); the last V mod chunk rows are padded to a
+    chunk with masked rows."""
     n, d = h.shape
     v = w_vd.shape[0]
     chunk = min(chunk, v)
-    n_chunks = -(-v // chunk)
-    w = jnp.pad(w_vd, ((0, n_chunks * chunk - v), (0, 0))).reshape(n_chunks, chunk, d)
-    offsets = jnp.arange(n_chunks) * chunk
+    n_full, rest = divmod(v, chunk)
 
-    def step(carry, xs):
+    def block(carry, w_c, off):
         run_max, run_sum, tgt = carry
-        w_c, off = xs
         logits = jnp.matmul(h, w_c.T, precision=EXACT)  # [N, chunk]
         logits = jnp.where(off + jnp.arange(chunk) < v, logits, -jnp.inf)
         new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
@@ -300,10 +299,17 @@ def chunked_nll(h: jnp.ndarray, w_vd: jnp.ndarray, target: jnp.ndarray, chunk: i
         local = target - off
         hit = (local >= 0) & (local < chunk)
         picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
-        return (new_max, run_sum, jnp.where(hit, picked, tgt)), None
+        return new_max, run_sum, jnp.where(hit, picked, tgt)
+
+    def step(carry, off):
+        return block(carry, jax.lax.dynamic_slice_in_dim(w_vd, off, chunk, axis=0), off), None
 
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-    (run_max, run_sum, tgt), _ = jax.lax.scan(step, init, (w, offsets))
+    carry, _ = jax.lax.scan(step, init, jnp.arange(n_full) * chunk)
+    if rest:
+        tail = jnp.pad(w_vd[n_full * chunk:], ((0, chunk - rest), (0, 0)))
+        carry = block(carry, tail, n_full * chunk)
+    run_max, run_sum, tgt = carry
     return run_max + jnp.log(run_sum) - tgt
 
 

@@ -42,6 +42,7 @@ from resq_jax.models.store import (
     WeightStoreError,
     read_gguf_tensor,
     read_safetensor,
+    read_safetensor_rows,
     read_safetensors_header,
 )
 from resq_jax.util.files import atomic_file, cache_dir, pip_download
@@ -285,7 +286,8 @@ def hf_weight_store(config: ModelConfig, entries: Mapping[str, TensorEntry], sou
                 f"{e.file}: tensor {hf} has shape {list(e.shape)}, the config implies {list(stored)}; the "
                 "checkpoint and its config.json disagree")
         sources[name] = TensorSource(entry=e, read=functools.partial(read_safetensor, e), shape=want[name],
-                                     post=_transposed if linear else None)
+                                     post=_transposed if linear else None,
+                                     rows=functools.partial(read_safetensor_rows, e), transposed=linear)
     return WeightStore(sources, source)
 
 

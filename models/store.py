@@ -32,6 +32,8 @@ from typing import Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from resq_jax.models.views import index_vocab
+
 # safetensors dtype name -> NumPy dtype of the stored elements
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -69,6 +71,11 @@ class TensorSource:
     read: Callable[[], np.ndarray]
     shape: tuple[int, ...]
     post: Callable[[np.ndarray], np.ndarray] | None = None
+    # rows(index) -> float32 rows ``index`` of the tensor in the file's layout, without reading the rest
+    # (safetensors); None: read the whole tensor and index it
+    rows: Callable[[object], np.ndarray] | None = None
+    # the file's rows are the contract's columns (a linear stored [d_out, d_in])
+    transposed: bool = False
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
@@ -123,6 +130,17 @@ def read_safetensor(entry: TensorEntry) -> np.ndarray:
     return a.astype(np.float32).reshape(entry.shape)
 
 
+def read_safetensor_rows(entry: TensorEntry, index) -> np.ndarray:
+    """Rows ``index`` (a slice or an integer array along the first axis) of a safetensors tensor, widened to
+    float32; only those rows' pages are read (the file is memory-mapped for the duration of the call)."""
+    dtype = SAFETENSORS_DTYPES[entry.dtype]
+    mapped = np.memmap(entry.file, dtype=dtype, mode="r", offset=entry.start, shape=entry.shape)
+    try:
+        return np.asarray(mapped[index], dtype=np.float32)
+    finally:
+        del mapped
+
+
 def read_gguf_tensor(entry: TensorEntry, tensor_type) -> np.ndarray:
     """One GGUF tensor's bytes from disk, dequantized to float32 in NumPy order (GGUF's shape reversed);
     ``entry.shape`` is that NumPy shape."""
@@ -160,6 +178,15 @@ class WeightStore(Mapping):
 
     def __contains__(self, name) -> bool:
         return name in self._sources
+
+    def vocab_slice(self, name: str, index) -> np.ndarray:
+        """Entries ``index`` (slice or integer array) of ``name`` along its vocabulary axis (``VOCAB_AXIS``),
+        float32, reading only those rows from a safetensors file."""
+        s = self._sources[name]
+        if s.rows is None or (s.post is not None and not s.transposed):
+            return index_vocab(name, self[name], index)
+        rows = s.rows(index)
+        return np.ascontiguousarray(rows.T) if s.transposed else rows
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The contract shape of ``name``, without reading it."""

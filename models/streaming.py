@@ -16,6 +16,7 @@ from flax import nnx
 
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
 from resq_jax.models.rope import rope_tables
+from resq_jax.models.views import vocab_slice
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hooks", "capture"))
@@ -76,14 +77,15 @@ class LayerStreamer:
 
         @functools.cache
         def head_parts():
-            head = weights.get("lm_head")
-            return nnx.split(_HeadView(config, as_param(weights["embed"]), as_param(weights["norm"]),
-                                       None if head is None else as_param(head)))
+            # an untied model's head does not need the embedding table on the device
+            tied = "lm_head" not in weights
+            return nnx.split(_HeadView(config, as_param(weights["embed"]) if tied else None, as_param(weights["norm"]),
+                                       None if tied else as_param(weights["lm_head"])))
 
         self._head_parts = head_parts
-        # a host gather (bit-identical to the device one): calibration never copies the
-        # embedding table to the device, nor builds the lm_head
-        self._embed_host = weights["embed"]
+        # a host gather of the looked-up rows only (bit-identical to the device gather): calibration and
+        # GPTQ never build the whole table, nor the lm_head
+        self._embed_host = weights
         return self
 
     @property
@@ -94,7 +96,9 @@ class LayerStreamer:
     def embed(self, tokens):
         """tokens: [B, T] -> [B, T, d] (the table's dtype)."""
         if self._embed_host is not None:
-            return jnp.asarray(np.take(np.asarray(self._embed_host), np.asarray(tokens), axis=0))
+            tokens = np.asarray(tokens)
+            rows = vocab_slice(self._embed_host, "embed", tokens.reshape(-1))
+            return jnp.asarray(rows.reshape(*tokens.shape, rows.shape[-1]))
         g, s = self.head_parts
         return embed_apply(g, s, tokens)
 

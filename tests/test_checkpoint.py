@@ -90,8 +90,36 @@ def test_round_trip_bit_identical(qwen, saved):
     assert set(back.transforms) == {"residual", "value", "key"}
     np.testing.assert_array_equal(_logits(back), _logits(pm))
     meta = json.loads((saved / "meta.json").read_text())
-    assert meta["format"] == FORMAT and meta["version"] == FORMAT_VERSION == 2
+    assert meta["format"] == FORMAT and meta["version"] == FORMAT_VERSION == 3
     assert meta["arrays"]["layers.0.q.w_low"]["dtype"] == "int8"
+    # one orbax tree per layer, written and read one layer at a time, and one for the rest
+    layers = sorted(int(p.name) for p in (saved / "arrays" / "layers").iterdir())
+    assert layers == list(range(pm.config.num_layers)) and (saved / "arrays" / "common").is_dir()
+
+
+def test_version_2_single_tree_still_loads(qwen, saved, tmp_path):
+    """A version 2 checkpoint (every array in one orbax tree under arrays/) loads to the same arrays."""
+    import orbax.checkpoint as ocp
+
+    _, _, pm = qwen
+    dst = tmp_path / "v2"
+    dst.mkdir()
+    nested: dict = {}
+    for k, a in pm.arrays.items():
+        node = nested
+        *parents, leaf = k.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = np.asarray(a)
+    ocp.PyTreeCheckpointer().save((dst / "arrays").absolute(),
+                                  {"arrays": nested, "transforms": {k: np.asarray(v) for k, v in pm.transforms.items()}})
+    meta = json.loads((saved / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps({**meta, "version": 2}))
+    back = load_packed(dst).model
+    assert isinstance(back.arrays, dict) and back.arrays.keys() == set(pm.arrays)
+    for k, a in pm.arrays.items():
+        assert np.array_equal(back.arrays[k], a), k
+    np.testing.assert_array_equal(_logits(back), _logits(pm))
 
 
 def test_existing_target_is_not_overwritten(qwen, saved, tmp_path):
@@ -120,7 +148,7 @@ def test_incompatible_version_and_format(saved, tmp_path):
         load_packed(dst)
     # version 1 stored column sums and only float embeddings: re-created, not guessed at
     (dst / "meta.json").write_text(json.dumps({**meta, "version": 1}))
-    with pytest.raises(CheckpointError, match="version 1; this reads .* version 2.*quantize.py --out"):
+    with pytest.raises(CheckpointError, match="version 1; this reads .* version 2 or 3.*quantize.py --out"):
         load_packed(dst)
     bad = {**meta, "embedding": {"bits": 4, "group": 5, "head": "table"}}
     (dst / "meta.json").write_text(json.dumps(bad))

@@ -48,13 +48,14 @@ def run(args) -> int:
     check_positive(args, "eval_windows", "eval_seq_len", "batch_size", "max_new_tokens")
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     from resq_jax.models.decoder import IDENTITY, from_weights
+    from resq_jax.models.streaming import LayerStreamer
 
     t0 = time.perf_counter()
     new_cache = None  # (positions) -> an empty generation cache; None: the float cache
     if args.checkpoint:
         from resq_jax.runtime.checkpoint import LoadedPacked, load_checkpoint
         from resq_jax.runtime.kv_cache import init_packed_cache
-        from resq_jax.runtime.pack import packed_decoder
+        from resq_jax.runtime.pack import packed_weights
 
         expect = None if args.model is None else load(args.model).config
         try:
@@ -64,18 +65,20 @@ def run(args) -> int:
         tokenizer, source = ckpt.tokenizer, ckpt.source
         if isinstance(ckpt, LoadedPacked):
             pm = ckpt.model
-            config, hooks, qconfig, model = pm.config, pm.hooks, pm.qconfig, packed_decoder(pm)
+            config, hooks, qconfig, weights = pm.config, pm.hooks, pm.qconfig, packed_weights(pm)
             eval_path = "packed"
             new_cache = lambda n: init_packed_cache(pm.config, pm.spec, 1, n)  # noqa: E731
         else:  # an older fake-quant checkpoint
             config, hooks, qconfig = ckpt.config, ckpt.hooks, ckpt.qconfig
-            model, eval_path = from_weights(config, ckpt.weights), "fake"
+            weights, eval_path = ckpt.weights, "fake"
         method = qconfig["method"]
     else:
         loaded = load(args.model or DEFAULT_MODEL)
         config, hooks, tokenizer = loaded.config, IDENTITY, loaded.tokenizer
         source, method, qconfig, eval_path = loaded.source, "none", {}, "float"
-        model = from_weights(config, loaded.weights)
+        weights = loaded.weights
+    # weights: a mapping read on access (a store, a checkpoint's layers); perplexity streams it layer by layer,
+    # generation builds the whole decoder
     if tokenizer is None:
         raise UserError("the model has no tokenizer files; add them to its folder")
     log(f"loaded {source} in {time.perf_counter() - t0:.1f}s")
@@ -86,7 +89,7 @@ def run(args) -> int:
 
         ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
         cache = None if new_cache is None else new_cache(len(ids) + args.max_new_tokens)
-        new = generate_greedy(model, ids, args.max_new_tokens, hooks=hooks, eos_token_id=config.eos_token_id,
+        new = generate_greedy(from_weights(config, dict(weights)), ids, args.max_new_tokens, hooks=hooks, eos_token_id=config.eos_token_id,
                               cache=cache)
         print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
 
@@ -95,7 +98,7 @@ def run(args) -> int:
 
         ppl, secs = {}, 0.0
         for name, windows in evals.items():
-            res = perplexity(model, windows, batch_size=args.batch_size, hooks=hooks,
+            res = perplexity(LayerStreamer.from_weights(config, weights), windows, batch_size=args.batch_size, hooks=hooks,
                              progress=False if args.quiet else f"eval {name}")
             ppl[name] = res.ppl
             secs += res.seconds

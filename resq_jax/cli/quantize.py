@@ -171,16 +171,22 @@ def run(args) -> int:
 
     # --- the work --------------------------------------------------------------------------
     from resq_jax.eval.perplexity import perplexity
-    from resq_jax.models.decoder import from_weights
+    from resq_jax.models.streaming import LayerStreamer
     from resq_jax.pipeline.quantize import quantize_model
-    from resq_jax.runtime.pack import packed_decoder, try_pack
+    from resq_jax.quant.code_store import CodeStore
+    from resq_jax.runtime.pack import packed_streamer, try_pack
 
+    # every method streams from the same store, layer by layer; its integer codes are spilled to a private
+    # temporary folder (removed after the method, or after --out is written), so no model is whole in memory
     runs = []
     stats_cache: dict = {}
     last = None
     for qc in configs:
+        if last is not None:
+            last[0].codes.close()
+            last = None
         qm = quantize_model(loaded.config, loaded.weights, qc, calib, stats=stats_cache.get(qc.recipe.fold_norms),
-                            progress=not args.quiet, log=log)
+                            progress=not args.quiet, log=log, codes=CodeStore.spilled())
         if qm.stats is not None:
             stats_cache[qc.recipe.fold_norms] = qm.stats
         # --eval-path packed: the model as pack_model stores it (runtime.pack.integer_decoder), kept for --out
@@ -190,8 +196,8 @@ def run(args) -> int:
             if packed is None:
                 print(f"{qc.method}: evaluated with fake quantization (eval column 'fake'): the packed runtime "
                       f"cannot run it ({why})", file=sys.stderr, flush=True)
-        model, hooks = (packed_decoder(packed), packed.hooks) if packed else (from_weights(qm.config, qm.weights),
-                                                                              qm.hooks)
+        model, hooks = ((packed_streamer(packed), packed.hooks) if packed else
+                        (LayerStreamer.from_weights(qm.config, qm.weights), qm.hooks))
         ppl, secs = {}, 0.0
         for name, windows in evals.items():
             res = perplexity(model, windows, batch_size=args.batch_size, hooks=hooks,
@@ -220,6 +226,8 @@ def run(args) -> int:
         save_packed(args.out, packed or pack_model(qm), tokenizer=loaded.tokenizer, source=loaded.source,
                     force=args.force)
         log(f"saved {qm.qconfig.method} (packed) to {args.out}")
+    if last is not None:
+        last[0].codes.close()
     return 0
 
 

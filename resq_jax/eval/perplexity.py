@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
-from resq_jax.models.streaming import LayerStreamer
+from resq_jax.models.streaming import LayerStreamer, head_nll, layer_apply
 from resq_jax.util.progress import progress_bar
 
 
@@ -30,30 +30,45 @@ def perplexity(model: Decoder | LayerStreamer, windows: np.ndarray, *, batch_siz
                hooks: SiteHooks = IDENTITY, progress: bool | str = True) -> PerplexityResult:
     """windows: [N, L] int token ids -> perplexity over the windows.
 
-    Batches of ``batch_size`` windows run through the jitted streamed model; a short last
-    batch is padded with copies of its first window (the padding's losses are dropped), so
-    every batch has one shape and compiles once.
+    Layer-major: every batch of ``batch_size`` windows goes through layer i before any goes through
+    layer i + 1, so each layer is built (put on the device; for a streamed model, read and computed
+    from its store) once per evaluation, and only the activations of all windows, [N, L, d] float32,
+    are kept between layers, on the host. A short last batch is padded with copies of its first
+    window (the padding's losses are dropped), so every batch has one shape and compiles once. Each
+    batch sees the same jitted calls with the same inputs as a batch-by-batch pass through the whole
+    model, so the numbers are the same.
     """
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [N >= 1, L >= 2] token ids, got shape {windows.shape}")
     runner = model if isinstance(model, LayerStreamer) else LayerStreamer(model)
-    n = windows.shape[0]
+    n, seq_len = windows.shape
     batch_size = max(1, min(batch_size, n))
-    losses = []
-    label = progress if isinstance(progress, str) else "perplexity"
-    bar = progress_bar(n, label, unit="win") if progress else None
-    start = time.perf_counter()
+    batches = []
     for i in range(0, n, batch_size):
         batch = windows[i:i + batch_size]
         real = batch.shape[0]
         if real < batch_size:
             batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
-        nll = np.asarray(runner.nll(jnp.asarray(batch, dtype=jnp.int32), hooks))[:real]
-        losses.append(nll)
-        if bar is not None:
-            bar.update(real)
+        batches.append((jnp.asarray(batch, dtype=jnp.int32), real))
+    label = progress if isinstance(progress, str) else "perplexity"
+    n_layers = len(runner.layers)
+    bar = progress_bar(n_layers + 2, label, unit="layer") if progress else None
+    start = time.perf_counter()
+    xs = [np.asarray(runner.embed(b)) for b, _ in batches]
+    positions, rope = runner.rope(seq_len)
     if bar is not None:
+        bar.update(1)
+    for i in range(n_layers):
+        g, s = runner.layers[i]
+        xs = [np.asarray(layer_apply(g, s, jnp.asarray(x), rope, positions, hooks)[0]) for x in xs]
+        del g, s
+        if bar is not None:
+            bar.update(1)
+    g, s = runner.head_parts
+    losses = [np.asarray(head_nll(g, s, jnp.asarray(x), b))[:real] for x, (b, real) in zip(xs, batches)]
+    if bar is not None:
+        bar.update(1)
         bar.close()
     seconds = time.perf_counter() - start
     window_nll = np.concatenate(losses).astype(np.float64)

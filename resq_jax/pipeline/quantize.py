@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, MutableMapping
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from resq_jax.formats.bits import OFF
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.streaming import LayerStreamer
 from resq_jax.pipeline.recipes import LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe, uses_gptq
+from resq_jax.quant.code_store import CodeStore
 from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
 from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
 from resq_jax.quant.layouts import ActivationSpec, WeightSpec
@@ -36,8 +37,9 @@ class QuantizedModel:
     stats: CalibrationStats | None = None
     details: dict = dataclasses.field(default_factory=dict)  # e.g. GPTQ seconds per layer
     # the weight quantizer's integer codes: {"layers.{i}.{name}": WeightCodes}, rows in
-    # quant.layouts.linear_high_rows order (what resq_jax.runtime.pack.pack_model packs); empty if unquantized
-    codes: dict = dataclasses.field(default_factory=dict)
+    # quant.layouts.linear_high_rows order (what resq_jax.runtime.pack.pack_model packs), and "embed" for
+    # quantized embeddings; a CodeStore (in memory or spilled to files); empty if unquantized
+    codes: MutableMapping = dataclasses.field(default_factory=dict)
 
 
 def activation_spec(config: ModelConfig, qc: QuantConfig) -> ActivationSpec:
@@ -140,15 +142,22 @@ def prepare(config: ModelConfig, weights: Mapping[str, np.ndarray],
     entry on access (``fusion.FoldedWeights``), so calibration streams the folded layers
     without a second copy of the model; ``apply_transforms`` materializes it."""
     if not recipe.fold_norms:
-        return config, dict(weights)
+        return config, weights
     view = fusion.FoldedWeights(config, weights)
     return view.untied_config, view
 
 
 def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: QuantConfig,
                    calib_windows: np.ndarray | None = None, *, stats: CalibrationStats | None = None,
-                   progress: bool = True, log: Callable[[str], None] = lambda s: None) -> QuantizedModel:
-    """The whole pipeline for one recipe: prepare -> calibrate -> transforms -> fuse -> quantize."""
+                   progress: bool = True, log: Callable[[str], None] = lambda s: None,
+                   codes: MutableMapping | None = None) -> QuantizedModel:
+    """The whole pipeline for one recipe: prepare -> calibrate -> transforms -> fuse -> quantize.
+
+    Every stage works layer by layer from ``weights`` (a dict, a models.store.WeightStore or a view):
+    the returned weights are a view (fusion, then dequantized codes) computed on access, and the codes
+    go to ``codes`` (default a CodeStore in memory; ``CodeStore.spilled()`` keeps them in files), so the
+    float, fused and quantized models never exist whole in memory (the integer recipes; the MXINT ones
+    still build their weights dict)."""
     recipe = qc.recipe
     check_hadamard_sizes(config, recipe)
     check_rank(config, qc)
@@ -156,7 +165,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     source_config, source_weights = config, weights
     seconds = {"calibrate": 0.0, "projections": 0.0, "fuse": 0.0, "quantize": 0.0}
     details: dict = {}
-    codes: dict = {}
+    codes = CodeStore() if codes is None else codes
     config, w = prepare(config, weights, recipe)
     transforms = Transforms()
     if calib_windows is None and ((recipe.needs_calibration and stats is None) or uses_gptq(qc)):
@@ -186,16 +195,16 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
         if recipe.quantize:
             if uses_gptq(qc):
                 qw = gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc), act_order=qc.act_order,
-                                        damp=qc.damp, progress=progress, timings=details)
+                                        damp=qc.damp, progress=progress, timings=details, codes=codes)
             else:
-                qw = rtn_weights_codes(config, w, weight_spec(config, qc))
-            w, codes = qw.weights, qw.codes
+                qw = rtn_weights_codes(config, w, weight_spec(config, qc), codes=codes)
+            w = qw.weights
             if hooks.spec.qk_bits < OFF and transforms.key is not None:
                 w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)
         seconds["quantize"] = time.perf_counter() - t0
         if recipe.quantize and qc.rank_used:
             w, lr_codes = _int_lowrank(config, w_float, w, qc, calib_windows, progress, seconds)
-            codes = {**codes, **lr_codes}
+            codes.update(lr_codes)
     if embed_group:
         tied = source_config.tie_word_embeddings and "lm_head" in w  # untied + folded here: derive the head
         w, codes["embed"] = quantize_embeddings(w, qc.embed_bits, embed_group,

@@ -23,10 +23,12 @@ the final-norm gain g, in float64): one table stored instead of two, as in the f
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import numpy as np
 
 from resq_jax.formats.bits import check_bits
+from resq_jax.models.views import overlaid
 
 LOW_BITS_GROUP = 64  # default group at <= 4 bits (4.25 bits per value with float16 scales)
 
@@ -175,7 +177,7 @@ class EmbeddingCodes:
         return "table" if self.head is not None else ("derived" if self.gain is not None else "tied")
 
 
-def quantize_embeddings(weights: dict, bits: int, group: int, *, tied_gain: np.ndarray | None = None,
+def quantize_embeddings(weights: Mapping, bits: int, group: int, *, tied_gain: np.ndarray | None = None,
                         basis: np.ndarray | None = None, clip_search: bool = False) -> tuple[dict, EmbeddingCodes]:
     """Quantize a (fused) weights dict's ``embed`` and ``lm_head`` (module docstring).
 
@@ -183,8 +185,8 @@ def quantize_embeddings(weights: dict, bits: int, group: int, *, tied_gain: np.n
     gain of a model whose embeddings were tied before untie + fold (the head is then derived from
     the one quantized table, with ``basis`` the residual rotation or None); None for an untied
     model (the lm_head gets its own codes) and for a model that stays tied (no ``lm_head``
-    entry). Returns (weights with the dequantized tables, codes)."""
-    out = dict(weights)
+    entry). Returns (a view of weights with the dequantized tables, codes)."""
+    out = {}
     table = quantize_table(weights["embed"], bits, group, clip_search)
     head = None
     if "lm_head" in weights and tied_gain is None:
@@ -196,4 +198,4 @@ def quantize_embeddings(weights: dict, bits: int, group: int, *, tied_gain: np.n
     lm_head = codes.lm_head(out["embed"])
     if lm_head is not None:
         out["lm_head"] = lm_head
-    return out, codes
+    return overlaid(weights, out), codes

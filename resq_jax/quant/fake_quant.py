@@ -22,6 +22,7 @@ import numpy as np
 from resq_jax.formats.bits import OFF
 from resq_jax.formats.integer import fake_quant_asym, fake_quant_mixed, fake_quant_sym_tensor, fake_quant_weight
 from resq_jax.models.decoder import SiteHooks
+from resq_jax.models.views import LazyWeights
 from resq_jax.quant.layouts import ActivationSpec, WeightSpec
 
 
@@ -66,10 +67,13 @@ def quantize_weight_rtn(w: np.ndarray, perm: np.ndarray | None, high_rows: int, 
 
 
 def fake_quantize_key_rotation(weights: Mapping[str, np.ndarray], num_layers: int, bits: int = 8):
-    """ResQ models the online key rotation as an int8 matrix (symmetric, per tensor)."""
-    out = dict(weights)
-    for i in range(num_layers):
-        key = f"layers.{i}.key_rotation"
-        if key in out:
-            out[key] = np.asarray(fake_quant_sym_tensor(jnp.asarray(out[key], jnp.float32), bits))
-    return out
+    """ResQ models the online key rotation as an int8 matrix (symmetric, per tensor); a view
+    (models.views.LazyWeights) computing each layer's on access."""
+    keys = {f"layers.{i}.key_rotation" for i in range(num_layers)}
+
+    def entry(key):
+        if key not in keys or key not in weights:
+            return None
+        return np.asarray(fake_quant_sym_tensor(jnp.asarray(weights[key], jnp.float32), bits))
+
+    return LazyWeights(weights, entry)

@@ -49,6 +49,7 @@ from resq_jax.formats.integer import WeightCodes, dequantize_weight, fake_quant_
 from resq_jax.formats.mxint import MXINT_WIDTHS, fake_quant_mxint
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import SiteHooks
+from resq_jax.models.views import overlaid
 from resq_jax.quant.layouts import LINEARS
 from resq_jax.util.checks import is_int
 
@@ -357,13 +358,13 @@ def int_lowrank_weights(config: ModelConfig, weights: Mapping[str, np.ndarray], 
 
 def int_lowrank_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], weights_q: Mapping[str, np.ndarray],
                       rank: int, abs_mean: Mapping[str, np.ndarray] | None = None,
-                      bits: int = 8) -> tuple[dict, dict[str, WeightCodes]]:
+                      bits: int = 8) -> tuple[Mapping, dict[str, WeightCodes]]:
     """``int_lowrank_weights`` and the integer codes of every ``_lr_a`` / ``_lr_b`` (WeightCodes,
     one block; empty when bits >= 16), which dequantize exactly to the weights' values."""
     check_bits(bits, "bits", allow_off=True)
     if abs_mean is not None:
         _check_abs_mean(config, weights, abs_mean)
-    out = dict(weights_q)
+    added: dict[str, np.ndarray] = {}  # the rank-k factors are small: kept in memory over the view of weights_q
     codes: dict[str, WeightCodes] = {}
     for i in range(config.num_layers):
         for name in LINEARS:
@@ -378,5 +379,5 @@ def int_lowrank_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], we
                 if bits < OFF:
                     codes[key + suffix] = quantize_weight_sym(m32, bits)
                     m32 = dequantize_weight(codes[key + suffix])
-                out[key + suffix] = np.asarray(m32)
-    return out, codes
+                added[key + suffix] = np.asarray(m32)
+    return overlaid(weights_q, added), codes

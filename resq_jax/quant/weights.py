@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,8 @@ from resq_jax.formats.integer import WeightCodes, dequantize_weight, quantize_we
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import IDENTITY, site_recorder
 from resq_jax.models.streaming import LayerStreamer
+from resq_jax.models.views import LazyWeights
+from resq_jax.quant.code_store import CodeStore
 from resq_jax.quant.gptq import DEFAULT_DAMP, gram
 from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
 from resq_jax.util.progress import progress_bar
@@ -35,18 +37,19 @@ GPTQ_ORDER = (("attn_in", ("q", "k", "v")), ("o_in", ("o",)), ("mlp_in", ("gate"
 
 @dataclasses.dataclass
 class QuantizedWeights:
-    """A weights dict with every decoder linear quantized, and the quantizer's integer codes.
+    """A weights mapping with every decoder linear quantized, and the quantizer's integer codes.
 
-    weights: the input dict with ``layers.{i}.{name}`` replaced by its dequantized float32
-             weights [d_in, d_out] in the original row order (what the fake-quant model runs).
-    codes:   {"layers.{i}.{name}": WeightCodes} in the row order of ``linear_high_rows`` (o_proj's
-             rows permuted so every head's high rows come last; identity for the others), such
-             that ``dequantize_weight(codes)`` un-permuted equals ``weights`` exactly. Empty when
-             weights are not quantized (w_bits >= 16).
+    weights: the input mapping with ``layers.{i}.{name}`` replaced by its dequantized float32
+             weights [d_in, d_out] in the original row order (what the fake-quant model runs): a view
+             (``dequantized``) that dequantizes a linear's codes when it is read, so the quantized
+             model is never whole in memory.
+    codes:   {"layers.{i}.{name}": WeightCodes} (a ``CodeStore``, in memory or spilled to files) in the
+             row order of ``linear_high_rows`` (o_proj's rows permuted so every head's high rows come
+             last; identity for the others). Empty when weights are not quantized (w_bits >= 16).
     """
 
-    weights: dict
-    codes: dict[str, WeightCodes]
+    weights: Mapping
+    codes: MutableMapping
 
 
 def _unpermute(rows: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
@@ -58,12 +61,27 @@ def _unpermute(rows: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: WeightSpec) -> QuantizedWeights:
-    """Every decoder linear quantized with round-to-nearest (embeddings, lm_head untouched)."""
-    codes: dict[str, WeightCodes] = {}
+def dequantized(config: ModelConfig, weights: Mapping[str, np.ndarray], codes: Mapping,
+                spec: WeightSpec) -> LazyWeights:
+    """``weights`` with every linear that has codes replaced by ``dequantize_weight`` of its codes in the
+    original row order (float32), computed when read: the fake-quant model as a view."""
+
+    def entry(key):
+        if key not in codes:
+            return None
+        perm, _ = linear_high_rows(config, key.rsplit(".", 1)[1], spec)
+        return _unpermute(np.asarray(dequantize_weight(codes[key])), perm)
+
+    return LazyWeights(weights, entry)
+
+
+def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: WeightSpec,
+                      codes: MutableMapping | None = None) -> QuantizedWeights:
+    """Every decoder linear quantized with round-to-nearest (embeddings, lm_head untouched); the codes
+    go to ``codes`` (default a CodeStore in memory), one linear at a time."""
+    codes = CodeStore() if codes is None else codes
     if spec.w_bits >= OFF:
-        return QuantizedWeights(dict(weights), codes)
-    quantized = {}
+        return QuantizedWeights(weights, codes)
     for i in range(config.num_layers):
         for name in LINEARS:
             key = f"layers.{i}.{name}"
@@ -71,14 +89,7 @@ def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], sp
             w = np.asarray(weights[key], np.float32)
             codes[key] = quantize_weight_sym(jnp.asarray(w if perm is None else w[perm]), spec.w_bits,
                                              spec.high_bits, high, spec.clip_search)
-            quantized[key] = _unpermute(np.asarray(dequantize_weight(codes[key])), perm)
-    return QuantizedWeights(_merged(weights, quantized), codes)
-
-
-def _merged(weights: Mapping[str, np.ndarray], quantized: Mapping[str, np.ndarray]) -> dict:
-    """Every entry of ``weights`` in its order, the quantized linears replacing theirs; each other entry read
-    once (``weights`` may be a view computed on access)."""
-    return {k: quantized[k] if k in quantized else weights[k] for k in weights}
+    return QuantizedWeights(dequantized(config, weights, codes, spec), codes)
 
 
 def _layer_entries(weights: Mapping[str, np.ndarray], i: int) -> dict:
@@ -143,7 +154,7 @@ def _split_codes(c: WeightCodes, cuts: np.ndarray) -> list[WeightCodes]:
     return [dataclasses.replace(c, q_low=a, scale_low=b, q_high=d, scale_high=e) for a, b, d, e in parts]
 
 
-def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: np.ndarray,
+def _gptq_group(out: MutableMapping, codes: MutableMapping, config: ModelConfig, i: int, names, h: np.ndarray,
                 spec: WeightSpec, act_order: bool, damp: float) -> None:
     """GPTQ the linears ``names`` of layer i, which share the input whose Hessian is h, in one
     call on their side-by-side weights (columns are independent given H and the scales: one
@@ -169,8 +180,8 @@ def _gptq_group(out: dict, codes: dict, config: ModelConfig, i: int, names, h: n
 
 def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
                        spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, damp: float = DEFAULT_DAMP,
-                       progress: bool = True,
-                       timings: dict | None = None) -> QuantizedWeights:
+                       progress: bool = True, timings: dict | None = None,
+                       codes: MutableMapping | None = None) -> QuantizedWeights:
     """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]; the codes
     are GPTQResult.codes (act_order permutes rows inside GPTQ only: its codes come back in
     ``linear_high_rows`` order, see gptq.gptq_quantize).
@@ -178,16 +189,19 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
     Per layer, over every batch of windows: the q/k/v Hessian from the layer input; quantize
     q/k/v; the attention output a (cached per batch) and the o_proj Hessian; quantize o; the
     residual x1 = x + o(a) (cached) and the gate/up Hessian; quantize gate/up; the down_proj
-    Hessian from x1; quantize down; the next layer's input x1 + mlp(x1)."""
-    codes: dict[str, WeightCodes] = {}
+    Hessian from x1; quantize down; the next layer's input x1 + mlp(x1).
+
+    Memory: the current layer's float entries (read once from ``weights``, which may be a view) and its
+    quantized linears; the codes go to ``codes`` (default a CodeStore in memory) as each group is done, and
+    the result's weights are a view dequantizing them, so neither model is ever whole in memory."""
+    codes = CodeStore() if codes is None else codes
     if spec.w_bits >= OFF:
-        return QuantizedWeights(dict(weights), codes)
-    # quantized linears first, then the current layer's float entries (read once), then the rest on demand:
-    # the float model is never whole in memory when ``weights`` is a view
+        return QuantizedWeights(weights, codes)
+    # the current layer: its quantized linears first, then its float entries; the rest of ``weights`` on demand
     quantized: dict[str, np.ndarray] = {}
     out = collections.ChainMap(quantized, {}, weights)
     windows = np.asarray(windows, np.int32)
-    streamer = LayerStreamer.from_weights(config, out)  # embeddings only: layers are built below
+    streamer = LayerStreamer.from_weights(config, weights)  # embeddings only: layers are built below
     positions, rope = streamer.rope(windows.shape[1])
     xs = [streamer.embed(jnp.asarray(windows[s:s + batch_size])) for s in range(0, len(windows), batch_size)]
     scale = 2.0 / windows.size
@@ -202,6 +216,7 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
 
     for i in range(config.num_layers):
         t0 = time.perf_counter()
+        quantized.clear()
         out.maps[1] = _layer_entries(weights, i)
         g, s = split()
         _gptq_group(out, codes, config, i, ("q", "k", "v"),
@@ -228,8 +243,9 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
         bar.close()
     if timings is not None:
         timings["gptq_per_layer"] = per_layer
+    quantized.clear()
     out.maps[1] = {}
-    return QuantizedWeights(_merged(weights, quantized), codes)
+    return QuantizedWeights(dequantized(config, weights, codes, spec), codes)
 
 
 def _layer(config: ModelConfig, weights: Mapping[str, np.ndarray], i: int):

@@ -23,6 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from resq_jax.models.config import ModelConfig
+from resq_jax.models.views import VOCAB_AXIS, LazyWeights, assemble_vocab, vocab_slice
 from resq_jax.transforms.fwht import hadamard_transform_np
 
 Weights = dict[str, np.ndarray]
@@ -61,35 +62,6 @@ def fold_norms(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> Weight
 _NORM_OF = {"q": "attn_norm", "k": "attn_norm", "v": "attn_norm", "gate": "mlp_norm", "up": "mlp_norm"}
 
 
-class LazyWeights(Mapping):
-    """A weights mapping computed from ``base`` one entry at a time on access, nothing cached.
-
-    ``entry(key)`` returns the new value of ``key`` or None to pass ``base[key]`` through; ``extra`` lists keys
-    the transform adds (after the base's, in order), which ``entry`` must produce. A chain of these views is
-    the fused model: reading ``layers.3.q`` runs the float64 products of that one tensor, so the transformed
-    model never exists whole in memory. The values are those of the eager functions below (which are
-    ``dict(view)``): each view applies the same float64 operations to the same float32 inputs."""
-
-    def __init__(self, base: Mapping[str, np.ndarray], entry, extra=()):
-        self._base, self._entry = base, entry
-        self._keys = dict.fromkeys([*base, *extra])
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __contains__(self, key):
-        return key in self._keys
-
-    def __getitem__(self, key: str):
-        if key not in self._keys:
-            raise KeyError(key)
-        value = self._entry(key)
-        return self._base[key] if value is None else value
-
-
 class FoldedWeights(LazyWeights):
     """``fold_norms(*untie_embeddings(config, weights))`` computed one entry at a time on access.
 
@@ -102,12 +74,17 @@ class FoldedWeights(LazyWeights):
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray]):
         self._config = config
+        tied = config.tie_word_embeddings or "lm_head" not in weights
+
+        def vocab(name, index):
+            if name != "lm_head":
+                return None
+            head = vocab_slice(weights, "embed", index).T if tied else vocab_slice(weights, "lm_head", index)
+            return np.ascontiguousarray(_f32(_f64(weights["norm"])[:, None] * _f64(head)))
 
         def entry(key):
             if key == "lm_head":
-                tied = config.tie_word_embeddings or "lm_head" not in weights
-                head = _f64(weights["embed"]).T if tied else _f64(weights["lm_head"])
-                return np.ascontiguousarray(_f32(_f64(weights["norm"])[:, None] * head))
+                return assemble_vocab(vocab, "lm_head", config.vocab_size)
             prefix, _, name = key.rpartition(".")
             if key == "norm" or (prefix and name in ("attn_norm", "mlp_norm")):
                 return np.ones_like(weights[key], dtype=np.float32)
@@ -116,7 +93,7 @@ class FoldedWeights(LazyWeights):
                 return _f32(g[:, None] * _f64(weights[key]))
             return None
 
-        super().__init__(weights, entry, extra=["lm_head"])
+        super().__init__(weights, entry, extra=["lm_head"], vocab=vocab)
 
     @property
     def untied_config(self) -> ModelConfig:
@@ -144,11 +121,14 @@ def rotated_residual(config: ModelConfig, weights: Mapping[str, np.ndarray], u: 
     _check_folded(config, weights)
     u = _f64(u)
 
+    def vocab(name, index):
+        if name == "embed":
+            return _f32(_f64(vocab_slice(weights, "embed", index)) @ u)
+        return _f32(u.T @ _f64(vocab_slice(weights, "lm_head", index)))
+
     def entry(key):
-        if key == "embed":
-            return _f32(_f64(weights["embed"]) @ u)
-        if key == "lm_head":
-            return _f32(u.T @ _f64(weights["lm_head"]))
+        if key in VOCAB_AXIS:
+            return assemble_vocab(vocab, key, config.vocab_size)
         layer = _layer_key(key)
         if layer is None:
             return None
@@ -159,7 +139,7 @@ def rotated_residual(config: ModelConfig, weights: Mapping[str, np.ndarray], u: 
             return _f32(_f64(weights[key]) @ u)
         return None
 
-    return LazyWeights(weights, entry)
+    return LazyWeights(weights, entry, vocab=vocab)
 
 
 def rotated_values(config: ModelConfig, weights: Mapping[str, np.ndarray], u_value: np.ndarray) -> LazyWeights:

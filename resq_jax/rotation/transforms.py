@@ -49,7 +49,7 @@ def quarot_transforms(config: ModelConfig, seed: int) -> Transforms:
 
 def apply_transforms(config: ModelConfig, weights: Mapping[str, np.ndarray], t: Transforms) -> Mapping:
     """Fuse the transforms into (untied, folded) weights; the key rotation and the down_proj Hadamard are also
-    installed as online transforms. A view (fusion.LazyWeights): each entry is computed from ``weights`` when
+    installed as online transforms. A view (models.views.LazyWeights): each entry is computed from ``weights`` when
     read, so the transformed model is never whole in memory; ``dict(...)`` materializes it."""
     w = weights
     if t.residual is not None:

@@ -4,17 +4,22 @@ A packed checkpoint folder (``save_packed`` / ``load_packed``; format ``resq-jax
   meta.json     format and version, source model, model config, quantization config, activation
                 spec, linear layouts, down_proj Hadamard size, and a manifest of every array
                 (shape, dtype, CRC-32 of its bytes)
-  arrays/       orbax PyTree checkpoint: ``arrays`` (packed int4/int8 codes, scales, biases,
-                embeddings / lm_head in 16 bits or as int8/int4 codes (resq_jax.quant.embeddings), norms,
-                the online key rotations; column sums are derived from the codes at load) and
-                ``transforms`` (the recipe's projections, float32)
+  arrays/layers/{i}/  one orbax PyTree checkpoint per decoder layer: its packed int4/int8 codes, scales,
+                biases, norms and online key rotation (column sums are derived from the codes at load)
+  arrays/common/  orbax PyTree checkpoint: ``arrays`` (embeddings / lm_head in 16 bits or as int8/int4
+                codes (resq_jax.quant.embeddings), the final norm) and ``transforms`` (the recipe's
+                projections, float32)
   tokenizer/    the tokenizer's files (when the model has a tokenizer)
 
-Writes go to a hidden staging folder next to the target, renamed into place only when complete:
-a crash leaves the old checkpoint (or none), never a half-written one. Reads check everything
-before returning: format and version, the config, every array against the manifest and against
-the shapes the config implies, and the CRC of every array (a truncated or swapped file is
-reported, never run). The previous fake-quant format (``resq-jax-fake-quant`` version 1) is still
+Version 3 writes and reads the arrays one layer at a time, so a model the host cannot hold whole is
+saved and evaluated with one layer in memory; version 2 (one ``arrays/`` tree) is still read.
+
+Writes go to a hidden staging folder next to the target, renamed into place only when complete
+(meta.json written last): a crash leaves the old checkpoint (or none), never a half-written one.
+Reads check everything before returning: format and version, the config, every array against the
+manifest and against the shapes the config implies, and the CRC of every array (a truncated or
+swapped file is reported, never run); a version 3 checkpoint is checked layer by layer and each
+layer is checked again when it is read for use. The previous fake-quant format (``resq-jax-fake-quant`` version 1) is still
 readable with ``load_fake_quant``; ``load_checkpoint`` reads either.
 """
 from __future__ import annotations
@@ -35,11 +40,12 @@ from resq_jax.models.loaders import expected_shapes
 from resq_jax.quant.fake_quant import FakeQuantHooks
 from resq_jax.quant.layouts import LINEARS, ActivationSpec
 from resq_jax.runtime.linear import LinearLayout
-from resq_jax.runtime.pack import PackedModel
+from resq_jax.runtime.pack import PackedArrays, PackedModel
 from resq_jax.util.files import json_default
 
 FORMAT = "resq-jax-packed"
-FORMAT_VERSION = 2  # 2: column sums derived at load, quantized embeddings
+FORMAT_VERSION = 3  # 2: column sums derived at load, quantized embeddings; 3: arrays written per layer
+READABLE_VERSIONS = (2, 3)
 FAKE_QUANT_FORMAT = "resq-jax-fake-quant"
 FAKE_QUANT_VERSION = 1
 RERUN = "re-create it with scripts/quantize.py --out"
@@ -137,17 +143,16 @@ def check_target(path: str | os.PathLike, force: bool):
                               "with --force: choose another folder")
 
 
-def _save_staged(path: str | os.PathLike, tree: dict, meta: dict, tokenizer, force: bool) -> Path:
-    """Write arrays/ (orbax), tokenizer/ and meta.json to a staging folder, then rename it to ``path``."""
-    import orbax.checkpoint as ocp
-
+def _save_staged(path: str | os.PathLike, write, tokenizer, force: bool) -> Path:
+    """``write(staging) -> meta`` writes arrays/ (orbax) into a staging folder; then tokenizer/ and meta.json
+    (last) are written and the folder is renamed to ``path``. Any failure removes the staging folder."""
     path = Path(path).absolute()
     check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(path)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-{os.getpid()}-"))
     try:
-        ocp.PyTreeCheckpointer().save(staging / "arrays", tree)
+        meta = write(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging / "tokenizer")
         (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=json_default))
@@ -185,22 +190,32 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _check_format(path: Path, meta: dict, fmt: str, version: int):
+def _check_format(path: Path, meta: dict, fmt: str, versions: tuple[int, ...]):
     got_fmt, got_version = meta.get("format"), meta.get("version")
-    if got_fmt == fmt and got_version == version:
+    if got_fmt == fmt and got_version in versions:
         return
-    if got_fmt == fmt and isinstance(got_version, int) and got_version > version:
+    readable = " or ".join(map(str, versions))
+    if got_fmt == fmt and isinstance(got_version, int) and got_version > max(versions):
         raise CheckpointError(f"{path} has {fmt} version {got_version}, written by a newer resq-jax; this one reads "
-                              f"version {version}: upgrade resq-jax or {RERUN}")
+                              f"version {readable}: upgrade resq-jax or {RERUN}")
     raise CheckpointError(f"{path} has format {got_fmt!r} version {got_version!r}; this reads {fmt!r} version "
-                          f"{version}: {RERUN}")
+                          f"{readable}: {RERUN}")
 
 
-def _restore(path: Path) -> dict:
+def _save_tree(folder: Path, tree: dict):
     import orbax.checkpoint as ocp
 
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    ocp.PyTreeCheckpointer().save(folder.absolute(), tree)
+
+
+def _restore(path: Path, part: str = "") -> dict:
+    """The orbax tree in ``path``/arrays (/``part``)."""
+    import orbax.checkpoint as ocp
+
+    folder = path / "arrays" / part if part else path / "arrays"
     try:
-        return ocp.PyTreeCheckpointer().restore((path / "arrays").absolute())
+        return ocp.PyTreeCheckpointer().restore(folder.absolute())
     except Exception as e:  # orbax/tensorstore raise many types for truncated/corrupt files
         raise CheckpointError(f"cannot read the arrays of checkpoint {path} ({type(e).__name__}: "
                               f"{str(e)[:300]}); the checkpoint is damaged: {RERUN}") from None
@@ -229,18 +244,31 @@ def _config(path: Path, meta: dict):
 # the packed format
 # ----------------------------------------------------------------------------------------------
 def save_packed(path: str | os.PathLike, pm, *, tokenizer=None, source: str = "", force: bool = False) -> Path:
-    """Write a resq_jax.runtime.pack.PackedModel (and the tokenizer's files) to the folder ``path``."""
-    arrays = {k: np.asarray(v) for k, v in pm.arrays.items()}
+    """Write a resq_jax.runtime.pack.PackedModel (and the tokenizer's files) to the folder ``path``, one
+    layer at a time (``arrays/layers/{i}``, then ``arrays/common``): a PackedModel that packs its layers
+    on access (runtime.pack.PackedArrays) is never whole in memory."""
     transforms = {k: np.asarray(v) for k, v in pm.transforms.items()}
-    meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "source": source,
-        "config": pm.config.to_dict(), "qconfig": pm.qconfig,
-        "activation_spec": dataclasses.asdict(pm.spec),
-        "layouts": {k: lay.to_dict() for k, lay in pm.layouts.items()},
-        "down_hadamard": pm.down_hadamard, "embedding": pm.embedding,
-        "arrays": _manifest(arrays), "transforms": _manifest(transforms),
-    }
-    return _save_staged(path, {"arrays": _nest(arrays), "transforms": transforms}, meta, tokenizer, force)
+
+    def write(staging: Path) -> dict:
+        manifest = {}
+        for i in range(pm.config.num_layers):
+            arrays = {k: np.asarray(v) for k, v in pm.layer_arrays(i).items()}
+            _save_tree(staging / "arrays" / "layers" / str(i), _nest(arrays))
+            manifest.update(_manifest(arrays))
+            del arrays
+        shared = {k: np.asarray(v) for k, v in pm.shared_arrays().items()}
+        _save_tree(staging / "arrays" / "common", {"arrays": _nest(shared), "transforms": transforms})
+        manifest.update(_manifest(shared))
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "source": source,
+            "config": pm.config.to_dict(), "qconfig": pm.qconfig,
+            "activation_spec": dataclasses.asdict(pm.spec),
+            "layouts": {k: lay.to_dict() for k, lay in pm.layouts.items()},
+            "down_hadamard": pm.down_hadamard, "embedding": pm.embedding,
+            "arrays": dict(sorted(manifest.items())), "transforms": _manifest(transforms),
+        }
+
+    return _save_staged(path, write, tokenizer, force)
 
 
 def _embedding_shapes(config, embedding: Mapping) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -317,10 +345,19 @@ def _check_layouts(path: Path, config, layouts: Mapping):
                                   f"{list(dims[name])}: meta.json does not match its config; {RERUN}")
 
 
+def _check_names(path: Path, manifest: Mapping, required: Mapping, optional: Mapping):
+    """meta.json's array names against those the model config requires / allows {name: (shape, dtype)}."""
+    for k in sorted(set(required) - set(manifest)):
+        raise CheckpointError(f"{path}: array {k!r} is missing; the checkpoint is incomplete: {RERUN}")
+    for k in sorted(set(manifest) - set(required) - set(optional)):
+        raise CheckpointError(f"{path}: unexpected array {k!r} for this model config; {RERUN}")
+
+
 def _check_arrays(path: Path, arrays: Mapping[str, np.ndarray], manifest: Mapping, expected: Mapping | None,
                   what: str, optional: Mapping | None = None):
-    """Arrays against meta.json's manifest (names, shapes, dtypes, CRC) and, with ``expected``
-    (required) and ``optional`` {name: (shape, dtype)}, against the model config."""
+    """Arrays against (their part of) meta.json's manifest (names, shapes, dtypes, CRC) and, with
+    ``expected`` (required) and ``optional`` {name: (shape, dtype)}, against the model config (the
+    names: ``_check_names`` on the whole manifest first)."""
     optional = optional or {}
     missing = sorted(set(manifest) - set(arrays))
     extra = sorted(set(arrays) - set(manifest))
@@ -329,11 +366,7 @@ def _check_arrays(path: Path, arrays: Mapping[str, np.ndarray], manifest: Mappin
                               f"unexpected {extra[:3]}); the arrays/ folder belongs to another checkpoint or is "
                               f"damaged: {RERUN}")
     if expected is not None:
-        required, expected = expected, {**optional, **expected}
-        for k in sorted(set(required) - set(manifest)):
-            raise CheckpointError(f"{path}: array {k!r} is missing; the checkpoint is incomplete: {RERUN}")
-        for k in sorted(set(manifest) - set(expected)):
-            raise CheckpointError(f"{path}: unexpected array {k!r} for this model config; {RERUN}")
+        expected = {**optional, **expected}
     for k, a in arrays.items():
         m = manifest[k]
         if list(a.shape) != list(m["shape"]) or str(a.dtype) != m["dtype"]:
@@ -367,7 +400,7 @@ def load_packed(path: str | os.PathLike, *, expect_config=None) -> LoadedPacked:
     if meta.get("format") == FAKE_QUANT_FORMAT:
         raise CheckpointError(f"{path} is an older fake-quant checkpoint ({FAKE_QUANT_FORMAT}); read it with "
                               f"load_checkpoint / load_fake_quant, or {RERUN} for the packed format")
-    _check_format(path, meta, FORMAT, FORMAT_VERSION)
+    _check_format(path, meta, FORMAT, READABLE_VERSIONS)
     config = _config(path, meta)
     _check_same_model(path, config, expect_config)
     try:
@@ -384,10 +417,29 @@ def load_packed(path: str | os.PathLike, *, expect_config=None) -> LoadedPacked:
         expected = expected_packed_shapes(config, layouts, embedding)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: meta.json's embedding description is invalid ({e}); {RERUN}") from None
-    tree = _restore(path)
-    arrays = _flatten(tree.get("arrays", {}))
+    optional = optional_packed_shapes(config)
+    _check_names(path, manifest, expected, optional)
+    if meta["version"] == 2:
+        tree = _restore(path)
+        arrays = _flatten(tree.get("arrays", {}))
+        _check_arrays(path, arrays, manifest, expected, "arrays", optional)
+    else:
+        tree = _restore(path, "common")
+        shared = _flatten(tree.get("arrays", {}))
+        _check_arrays(path, shared, {k: m for k, m in manifest.items() if not k.startswith("layers.")}, expected,
+                      "arrays", optional)
+
+        def read_layer(i: int) -> dict[str, np.ndarray]:
+            prefix = f"layers.{i}."
+            arrays = _flatten(_restore(path, f"layers/{i}"))
+            _check_arrays(path, arrays, {k: m for k, m in manifest.items() if k.startswith(prefix)}, expected,
+                          f"arrays of layer {i}", optional)
+            return arrays
+
+        for i in range(config.num_layers):  # every layer checked now (one in memory at a time), read again on use
+            read_layer(i)
+        arrays = PackedArrays(shared, config.num_layers, read_layer)
     transforms = {k: np.asarray(v) for k, v in tree.get("transforms", {}).items()}
-    _check_arrays(path, arrays, manifest, expected, "arrays", optional_packed_shapes(config))
     _check_arrays(path, transforms, t_manifest, None, "transforms")
     pm = PackedModel(config=config, arrays=arrays, layouts=layouts, spec=spec, down_hadamard=down_hadamard,
                      qconfig=meta.get("qconfig", {}), transforms=transforms, embedding=embedding)
@@ -423,14 +475,19 @@ def save_fake_quant(path: str | os.PathLike, qm, loaded, *, force: bool = False)
         "activation_spec": dataclasses.asdict(qm.hooks.spec), "statics": statics,
         "down_hadamard": qm.transforms.down_hadamard,
     }
-    return _save_staged(path, {"weights": _nest(arrays), "transforms": transforms}, meta, loaded.tokenizer, force)
+
+    def write(staging: Path) -> dict:
+        _save_tree(staging / "arrays", {"weights": _nest(arrays), "transforms": transforms})
+        return meta
+
+    return _save_staged(path, write, loaded.tokenizer, force)
 
 
 def load_fake_quant(path: str | os.PathLike) -> LoadedCheckpoint:
 
     path = Path(path)
     meta = _read_meta(path)
-    _check_format(path, meta, FAKE_QUANT_FORMAT, FAKE_QUANT_VERSION)
+    _check_format(path, meta, FAKE_QUANT_FORMAT, (FAKE_QUANT_VERSION,))
     config = _config(path, meta)
     tree = _restore(path)
     weights = _flatten(tree["weights"])

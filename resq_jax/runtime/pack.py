@@ -56,6 +56,8 @@ from resq_jax.formats.integer import WeightCodes, dequantize_weight
 from resq_jax.formats.packing import pack_int4_np, unpack_int4_np
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import Decoder, from_weights
+from resq_jax.models.streaming import LayerStreamer
+from resq_jax.models.views import LazyWeights, assemble_vocab, index_vocab, vocab_slice
 from resq_jax.quant.embeddings import EmbeddingCodes, TableCodes
 from resq_jax.quant.fake_quant import FakeQuantHooks
 from resq_jax.quant.layouts import LINEARS, ActivationSpec, head_high_last_permutation
@@ -101,9 +103,64 @@ class PackedModel:
     def hooks(self) -> PackedHooks:
         return PackedHooks(self.spec)
 
+    def layer_arrays(self, i: int) -> dict[str, np.ndarray]:
+        """Layer i's arrays {``layers.{i}.…``: array} (computed or read for that layer only when ``arrays``
+        is a PackedArrays)."""
+        if isinstance(self.arrays, PackedArrays):
+            return self.arrays.layer(i)
+        prefix = f"layers.{i}."
+        return {k: v for k, v in self.arrays.items() if k.startswith(prefix)}
+
+    def shared_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays outside the layers (embeddings, lm_head, final norm)."""
+        return {k: self.arrays[k] for k in self.arrays if not k.startswith("layers.")}
+
     def linear_arrays(self, i: int, name: str) -> dict[str, np.ndarray]:
         prefix = f"layers.{i}.{name}."
-        return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
+        return {k[len(prefix):]: v for k, v in self.layer_arrays(i).items() if k.startswith(prefix)}
+
+
+class PackedArrays(Mapping):
+    """A packed model's flat {name: array} made one layer at a time: ``shared`` (embeddings, norm) in
+    memory, ``make_layer(i)`` -> layer i's {``layers.{i}.…``: array} when one of them is read (packing
+    that layer's codes, or reading it from a checkpoint), the last layer made kept until another is
+    asked for. Every layer has the same entry names (layer 0's, made at construction)."""
+
+    def __init__(self, shared: Mapping[str, np.ndarray], num_layers: int, make_layer):
+        self._shared, self._n, self._make = dict(shared), num_layers, make_layer
+        self._last: tuple[int, dict] | None = None
+        self._suffixes = [k[len("layers.0."):] for k in self.layer(0)] if num_layers else []
+
+    def layer(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < self._n:
+            raise IndexError(f"layer {i} of a {self._n}-layer model")
+        if self._last is None or self._last[0] != i:
+            self._last = None  # drop the previous layer before making the next
+            self._last = (i, self._make(i))
+        return self._last[1]
+
+    def __iter__(self):
+        yield from self._shared
+        for i in range(self._n):
+            for suffix in self._suffixes:
+                yield f"layers.{i}.{suffix}"
+
+    def __len__(self):
+        return len(self._shared) + self._n * len(self._suffixes)
+
+    def __contains__(self, key):
+        if key in self._shared:
+            return True
+        parts = key.split(".", 2) if isinstance(key, str) else ()
+        return (len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) < self._n
+                and parts[2] in self._suffixes)
+
+    def __getitem__(self, key: str):
+        if key in self._shared:
+            return self._shared[key]
+        if key not in self:
+            raise KeyError(key)
+        return self.layer(int(key.split(".")[1]))[key]
 
 
 def _layouts(config: ModelConfig, spec: ActivationSpec, codes: Mapping[str, WeightCodes]) -> dict[str, LinearLayout]:
@@ -260,65 +317,107 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
     """A fake-quant pipeline.quantize.QuantizedModel -> PackedModel (integer recipes, weights quantized,
     integer activations; see PackError). Quantized embeddings (QuantConfig.embed_bits < 16) are
     stored as their codes (embedding_arrays); float ones in ``embed_dtype`` (16 bits, docs/algorithms.md,
-    What stays in float; np.float32 keeps the fake path's values exactly)."""
+    What stays in float; np.float32 keeps the fake path's values exactly), made slice by slice.
+
+    The layers are packed when they are read (``PackedArrays``): one layer's codes and packed arrays are
+    in memory at a time, so packing, evaluating and saving a model the host cannot hold whole works."""
     spec = _check_packable(qm)
     config, w = qm.config, qm.weights
     layouts = _layouts(config, spec, qm.codes)
-    arrays: dict[str, np.ndarray] = {"norm": np.asarray(w["norm"], np.float32)}
+    shared: dict[str, np.ndarray] = {"norm": np.asarray(w["norm"], np.float32)}
     emb = qm.codes.get("embed")
     if emb is None:
-        arrays["embed"] = np.asarray(w["embed"]).astype(embed_dtype)
-        if "lm_head" in w:
-            arrays["lm_head"] = np.asarray(w["lm_head"]).astype(embed_dtype)
+        for name in ("embed", "lm_head"):
+            if name in w:
+                shared[name] = assemble_vocab(lambda n, sl: vocab_slice(w, n, sl), name, config.vocab_size,
+                                              dtype=embed_dtype)
         embedding = {"bits": 16}
     else:
-        arrays.update(embedding_arrays(emb))
+        shared.update(embedding_arrays(emb))
         embedding = {"bits": emb.bits, "group": emb.table.group, "head": emb.head_kind}
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
-        for k in ("attn_norm", "mlp_norm", "key_rotation"):
-            if p + k in w:
-                arrays[p + k] = np.asarray(w[p + k], np.float32)
-        for name in LINEARS:
-            key = p + name
-            lay = layouts[name]
-            packed = _linear_codes(config, lay, qm.codes[key], np.asarray(w[key], np.float32), key,
-                                   w.get(key + "_bias"))
-            if lay.rank:
-                packed.update(_lowrank_codes(lay, _row_perm(config, lay, key), qm.codes[key + "_lr_a"], qm.codes[key + "_lr_b"],
-                                             np.asarray(w[key + "_lr_a"], np.float32),
-                                             np.asarray(w[key + "_lr_b"], np.float32), key))
-            arrays.update({f"{key}.{f}": a for f, a in packed.items()})
     hadamard = {int(w.get(f"layers.{i}.down_hadamard", 0) or 0) for i in range(config.num_layers)}
     if len(hadamard) != 1:
         raise PackError(f"layers disagree on the down_proj Hadamard size ({sorted(hadamard)})")
     transforms = {k: np.asarray(v, np.float32) for k, v in dataclasses.asdict(qm.transforms).items()
                   if isinstance(v, np.ndarray)}
+    arrays = PackedArrays(shared, config.num_layers, lambda i: _pack_layer(qm, layouts, i))
     return PackedModel(config=config, arrays=arrays, layouts=layouts, spec=spec, down_hadamard=hadamard.pop(),
                        qconfig=qm.qconfig.to_dict(), transforms=transforms, embedding=embedding)
 
 
+def _pack_layer(qm, layouts: Mapping[str, LinearLayout], i: int) -> dict[str, np.ndarray]:
+    """Layer i of a QuantizedModel packed: norms, key rotation, every linear's packed codes."""
+    config, w = qm.config, qm.weights
+    p = f"layers.{i}."
+    arrays = {}
+    for k in ("attn_norm", "mlp_norm", "key_rotation"):
+        if p + k in w:
+            arrays[p + k] = np.asarray(w[p + k], np.float32)
+    for name in LINEARS:
+        key = p + name
+        lay = layouts[name]
+        packed = _linear_codes(config, lay, qm.codes[key], np.asarray(w[key], np.float32), key,
+                               w.get(key + "_bias"))
+        if lay.rank:
+            packed.update(_lowrank_codes(lay, _row_perm(config, lay, key), qm.codes[key + "_lr_a"],
+                                         qm.codes[key + "_lr_b"], np.asarray(w[key + "_lr_a"], np.float32),
+                                         np.asarray(w[key + "_lr_b"], np.float32), key))
+        arrays.update({f"{key}.{f}": a for f, a in packed.items()})
+    return arrays
+
+
+def packed_weights(pm: PackedModel, impl: str = "auto") -> LazyWeights:
+    """The weights mapping of a PackedModel for models.decoder (a view, made on access): float params in
+    float32 (``embed`` / ``lm_head`` from their 16-bit or quantized tables), and per layer the seven
+    linears as ``PackedLinear`` modules of that layer's packed arrays. ``impl`` selects their GEMM
+    (PackedLinear): "auto" (Triton kernels on an NVIDIA GPU, XLA elsewhere), "jnp" (XLA's integer dot
+    everywhere), "triton", or "f32" (float32 dots of the integer codes in exact chunks: the same int32
+    accumulators, hence bit-identical outputs to "jnp")."""
+    config = pm.config
+    emb = embedding_codes(pm.arrays, pm.embedding) if pm.embedding["bits"] < OFF else None
+    keys = [k for k in ("embed", "lm_head", "norm") if k in pm.arrays]
+    if emb is not None:
+        keys = ["embed", "norm"] + (["lm_head"] if emb.head_kind != "tied" else [])
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        keys += [p + k for k in ("attn_norm", "mlp_norm", "key_rotation") if p + k in pm.arrays]
+        keys += [p + name for name in LINEARS] + ([p + "down_hadamard"] if pm.down_hadamard else [])
+
+    def table(name):
+        if emb is None:
+            return np.asarray(pm.arrays[name], np.float32)
+        return emb.embed() if name == "embed" else emb.lm_head(emb.embed())
+
+    def entry(key):
+        if key in ("embed", "lm_head"):
+            return table(key)
+        if key == "norm":
+            return np.asarray(pm.arrays[key], np.float32)
+        _, i, name = key.split(".", 2)
+        if name == "down_hadamard":
+            return pm.down_hadamard
+        if name in LINEARS:
+            return PackedLinear(pm.layouts[name], pm.linear_arrays(int(i), name), impl)
+        return np.asarray(pm.arrays[key], np.float32)
+
+    def vocab(name, index):
+        if emb is None:
+            return np.asarray(index_vocab(name, pm.arrays[name], index), np.float32)
+        return index_vocab(name, table(name), index)
+
+    return LazyWeights(dict.fromkeys(keys), entry, vocab=vocab)
+
+
+def packed_streamer(pm: PackedModel, impl: str = "auto") -> LayerStreamer:
+    """A LayerStreamer over ``packed_weights(pm, impl)``: each layer's PackedLinears are built when the
+    layer runs, so a packed model evaluates with one layer on the device (run it with ``pm.hooks``)."""
+    return LayerStreamer.from_weights(pm.config, packed_weights(pm, impl))
+
+
 def packed_decoder(pm: PackedModel, impl: str = "auto") -> Decoder:
-    """The models.decoder.Decoder of a PackedModel (float params in float32, PackedLinear linears);
-    run it with ``pm.hooks`` (and ``init_packed_cache`` for generation). ``impl`` selects the
-    GEMM of the linears (PackedLinear): "auto" (Triton kernels on an NVIDIA GPU, XLA elsewhere),
-    "jnp" (XLA's integer dot everywhere), "triton", or "f32" (float32 dots of the integer codes
-    in exact chunks: the same int32 accumulators, hence bit-identical outputs to "jnp")."""
-    weights: dict = {k: np.asarray(v, np.float32) for k, v in pm.arrays.items()
-                     if k in ("embed", "lm_head", "norm") or k.rsplit(".", 1)[-1] in ("attn_norm", "mlp_norm",
-                                                                                        "key_rotation")}
-    if pm.embedding["bits"] < OFF:
-        emb = embedding_codes(pm.arrays, pm.embedding)
-        weights["embed"] = emb.embed()
-        head = emb.lm_head(weights["embed"])
-        if head is not None:
-            weights["lm_head"] = head
-    for i in range(pm.config.num_layers):
-        if pm.down_hadamard:
-            weights[f"layers.{i}.down_hadamard"] = pm.down_hadamard
-        for name in LINEARS:
-            weights[f"layers.{i}.{name}"] = PackedLinear(pm.layouts[name], pm.linear_arrays(i, name), impl)
-    return from_weights(pm.config, weights)
+    """The whole models.decoder.Decoder of a PackedModel (``packed_weights``); run it with ``pm.hooks``
+    (and ``init_packed_cache`` for generation)."""
+    return from_weights(pm.config, dict(packed_weights(pm, impl)))
 
 
 def integer_decoder(qm, impl: str = "auto") -> tuple[Decoder, PackedHooks] | None:

@@ -1,0 +1,104 @@
+"""Weights mappings computed on access: the vocabulary-table protocol and ``LazyWeights``.
+
+Every stage reads a model through a ``Mapping`` from contract names (models/config.py) to arrays. Such a
+mapping may be a dict, a ``models.store.WeightStore`` (tensors read from files on access) or a
+``LazyWeights`` view (each entry computed from another mapping on access: norm folding, rotations,
+dequantized codes). Stacking views keeps one tensor at a time in memory whatever the model's size.
+
+The two vocabulary tables (``embed`` [vocab, d], ``lm_head`` [d, vocab]) are large (a 7B model's: 2.2 GB
+each in float32) and are mostly needed in part: ``vocab_slice(weights, name, index)`` asks a mapping for some
+of their entries only (an embedding lookup, a slice of the head), and every store and view answers it
+without building the whole table.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+# vocabulary entries per slice when a view makes a whole embed / lm_head: its float64 temporaries are
+# [VOCAB_SLICE, d] (a 7B model's table in float64 would be 4.4 GB)
+VOCAB_SLICE = 8192
+
+# the vocabulary axis of the two vocabulary tables of the naming contract: embed [vocab, d], lm_head [d, vocab]
+VOCAB_AXIS = {"embed": 0, "lm_head": 1}
+
+
+def index_vocab(name: str, a, index) -> np.ndarray:
+    """``a`` (the whole table ``name``) restricted to the vocabulary entries ``index``."""
+    a = np.asarray(a)
+    return a[index] if VOCAB_AXIS[name] == 0 else a[:, index]
+
+
+def vocab_slice(weights: Mapping[str, np.ndarray], name: str, index) -> np.ndarray:
+    """``weights[name]`` (``embed`` or ``lm_head``) restricted to the vocabulary entries ``index`` (slice or
+    integer array): embed rows [n, d], lm_head columns [d, n]. A store or a lazy view computes only those
+    entries (an embedding lookup never reads the whole table; a fused 7B head is made in slices); a plain
+    dict is indexed."""
+    if name not in VOCAB_AXIS:
+        raise KeyError(f"{name} is not a vocabulary table ({', '.join(VOCAB_AXIS)})")
+    fn = getattr(weights, "vocab_slice", None)
+    return fn(name, index) if fn is not None else index_vocab(name, weights[name], index)
+
+
+class LazyWeights(Mapping):
+    """A weights mapping computed from ``base`` one entry at a time on access, nothing cached.
+
+    ``entry(key)`` returns the new value of ``key`` or None to pass ``base[key]`` through; ``extra`` lists keys
+    the transform adds (after the base's, in order), which ``entry`` must produce. A chain of these views is
+    the fused model: reading ``layers.3.q`` runs the float64 products of that one tensor, so the transformed
+    model never exists whole in memory (rotation/fusion.py: its eager functions are ``dict(view)``).
+
+    A view that changes a vocabulary table (``embed`` / ``lm_head``) gives ``vocab(name, index)``, the table's
+    entries ``index`` (``vocab_slice``): an embedding lookup then computes only the looked-up rows,
+    and the whole table is assembled slice by slice (``assemble_vocab``). Row and column slices of these
+    float64 products are bit-identical to the whole products (BLAS sums each output over the same k)."""
+
+    def __init__(self, base: Mapping[str, np.ndarray], entry, extra=(), vocab=None):
+        self._base, self._entry, self._vocab = base, entry, vocab
+        self._keys = dict.fromkeys([*base, *extra])
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def __getitem__(self, key: str):
+        if key not in self._keys:
+            raise KeyError(key)
+        value = self._entry(key)
+        return self._base[key] if value is None else value
+
+    def vocab_slice(self, name: str, index) -> np.ndarray:
+        """Entries ``index`` of the vocabulary table ``name`` (``vocab_slice``)."""
+        value = None if self._vocab is None else self._vocab(name, index)
+        return vocab_slice(self._base, name, index) if value is None else value
+
+
+def assemble_vocab(vocab, name: str, vocab_size: int, chunk: int = VOCAB_SLICE, dtype=np.float32) -> np.ndarray:
+    """The whole table ``name`` from ``vocab(name, slice)`` calls of ``chunk`` entries each, in ``dtype``."""
+    axis = VOCAB_AXIS[name]
+    out = None
+    for start in range(0, vocab_size, chunk):
+        sl = slice(start, min(start + chunk, vocab_size))
+        block = vocab(name, sl)
+        if out is None:
+            shape = list(block.shape)
+            shape[axis] = vocab_size
+            out = np.empty(shape, dtype)
+        if axis == 0:
+            out[sl] = block
+        else:
+            out[:, sl] = block
+    return out
+
+
+def overlaid(base: Mapping[str, np.ndarray], overlay: Mapping[str, np.ndarray]) -> LazyWeights:
+    """``base`` with the entries of ``overlay`` (arrays in memory) replacing or added to its own, as a view;
+    ``overlay`` is read on each access, so a caller may update it (GPTQ's current layer)."""
+    return LazyWeights(base, overlay.get, extra=[k for k in overlay if k not in base],
+                       vocab=lambda name, index: index_vocab(name, overlay[name], index) if name in overlay else None)
