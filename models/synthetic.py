@@ -58,6 +58,14 @@ SHAPES: dict[str, Shape] = {
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                          "hidden_act": "silu", "attention_bias": False, "torch_dtype": "bfloat16",
                          "bos_token_id": 1, "eos_token_id": 2}, "smollm2"),
+    # a mid-size Llama for memory checks (tests/test_streaming_scale.py): layers of 86 MB in float32 and
+    # SmolLM2's tokenizer and vocabulary, so scripts/quantize.py runs it
+    "small-llama": Shape({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
+                          "intermediate_size": 6144, "num_hidden_layers": 6, "num_attention_heads": 8,
+                          "num_key_value_heads": 2, "vocab_size": 49152, "tie_word_embeddings": False,
+                          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+                          "hidden_act": "silu", "attention_bias": False, "torch_dtype": "bfloat16",
+                          "bos_token_id": 1, "eos_token_id": 2}, "smollm2"),
     # small shapes for tests and quick checks (the tokenizers' vocabularies are larger than these tables: the
     # tokenizer is not saved, token ids are drawn below vocab_size)
     "tiny-qwen2": Shape(_qwen2(64, 96, 4, 4, 2, 512, tied=False), ""),

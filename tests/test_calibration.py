@@ -138,10 +138,18 @@ def test_statistics_match_numpy_reference(tiny):
     cfg = loaded.config
     model = from_weights(cfg, loaded.weights)
     windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (6, 20))
-    stats = calibrate(model, windows, progress=False)
+    stats = calibrate(model, windows, progress=False, per_layer=True)
     ref = _torch_reference_stats(torch_model, windows)
     assert stats.tokens == windows.size
     assert stats.attn.dtype == np.float64
+    # the sums over layers (what ResQ uses, and all a default run keeps) are those of the per-layer moments,
+    # and a default run gives the same sums without the per-layer arrays
+    np.testing.assert_array_equal(stats.attn_sum, stats.attn.sum(0))
+    np.testing.assert_array_equal(stats.mlp_sum, stats.mlp.sum(0))
+    lean = calibrate(model, windows, progress=False)
+    assert lean.attn is None and lean.mlp is None
+    np.testing.assert_array_equal(lean.attn_sum, stats.attn_sum)
+    np.testing.assert_array_equal(lean.mlp_sum, stats.mlp_sum)
     assert stats.value.shape == (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
     failures = []
     for i in range(cfg.num_layers):
@@ -170,7 +178,7 @@ _SCRIPT = textwrap.dedent("""
     from resq_jax.calibration.statistics import calibrate
     loaded = load_model({folder!r}, with_tokenizer=False)
     windows = np.random.default_rng(1).integers(0, loaded.config.vocab_size, (8, 24))
-    stats = calibrate(from_weights(loaded.config, loaded.weights), windows, progress=False)
+    stats = calibrate(from_weights(loaded.config, loaded.weights), windows, progress=False, per_layer=True)
     np.savez({out!r}, **stats.as_dict())
     print(json.dumps({{"devices": jax.device_count()}}))
 """)

@@ -555,3 +555,60 @@ def test_streamed_gptq_follows_the_layer_order(tmp_path):
                 np.testing.assert_array_equal(got.weights[key], ref_w[key])
     assert min(agree) >= 0.999  # (a rounding tie may flip between two float summation orders)
     assert min(agree_float[len(LINEARS):]) < 0.95  # later layers see quantized inputs: different codes
+
+
+def test_inplace_float32_factor_equals_float64_closed_form():
+    """Large-d_in path: U (float32, in place) against float64 NumPy: U upper, U^T U = (H + damp)^-1."""
+    from resq_jax.quant.gptq import _inverse_cholesky_upper_inplace
+
+    rng = np.random.default_rng(0)
+    d = 300
+    x = rng.standard_normal((2000, d)) @ (np.eye(d) + 0.3 * rng.standard_normal((d, d)) / np.sqrt(d))
+    h = (x.T @ x / 1000).astype(np.float32)
+    a = h.copy()
+    assert _inverse_cholesky_upper_inplace(a, 0.01)
+    hd = h.astype(np.float64)
+    hd[np.arange(d), np.arange(d)] += 0.01 * np.mean(np.diag(hd))
+    want_inv = np.linalg.inv(hd)
+    assert np.all(np.tril(a, -1) == 0) and np.all(np.diag(a) > 0)
+    got_inv = a.astype(np.float64).T @ a.astype(np.float64)
+    assert np.abs(got_inv - want_inv).max() <= 1e-4 * np.abs(want_inv).max()
+    # the float64 path's U (the flipped-Cholesky construction, computed here in NumPy)
+    j = np.arange(d)[::-1]
+    u64 = np.linalg.inv(np.linalg.cholesky(hd[j][:, j]))[j][:, j]
+    np.testing.assert_allclose(a, u64, rtol=0, atol=1e-4 * np.abs(u64).max())
+
+
+def test_inplace_factor_restores_a_non_positive_definite_hessian():
+    from resq_jax.quant.gptq import _inverse_cholesky_upper_inplace
+
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((50, 3))
+    h = (v @ v.T - 5.0 * np.eye(50)).astype(np.float32)  # indefinite: no damping of 1% fixes it
+    a = h.copy()
+    assert not _inverse_cholesky_upper_inplace(a, 0.01)
+    np.testing.assert_array_equal(a, h)
+
+
+def test_large_input_gptq_uses_the_inplace_factor(monkeypatch):
+    """gptq_quantize above F64_CHOLESKY_MAX rows (threshold lowered here): codes equal to the float64 path's
+    on a well-conditioned problem except for rounding ties, the Hessian overwritten only when allowed."""
+    import resq_jax.quant.gptq as gptq
+
+    rng = np.random.default_rng(2)
+    d_in, d_out = 256, 48
+    x = rng.standard_normal((4096, d_in)).astype(np.float32)
+    h = np.asarray(gptq.hessian_update(*gptq.hessian_init(d_in), jnp.asarray(x))[0])
+    w = (rng.standard_normal((d_in, d_out)) * 0.05).astype(np.float32)
+    ref = gptq.gptq_quantize(w, h, low_bits=4, high_rows=32)
+    monkeypatch.setattr(gptq, "F64_CHOLESKY_MAX", 128)
+    h_copy = h.copy()
+    got = gptq.gptq_quantize(w, h_copy, low_bits=4, high_rows=32)
+    np.testing.assert_array_equal(h_copy, h)  # not overwritten without overwrite_h
+    same = np.mean(np.asarray(got.codes.q_low) == np.asarray(ref.codes.q_low))
+    assert same > 0.99, same
+    err_ref = float(gptq.gptq_error(w, ref.w_q, h))
+    err_got = float(gptq.gptq_error(w, got.w_q, h))
+    assert abs(err_got - err_ref) <= 0.01 * err_ref
+    gptq.gptq_quantize(w, h_copy, low_bits=4, high_rows=32, overwrite_h=True)
+    assert not np.array_equal(h_copy, h)  # used in place

@@ -6,6 +6,9 @@ every layer l we accumulate, in float64, second moments (not centered covariance
 
   attn[l]   [d, d]          sum x^T x of the q/k/v input (attn_in)
   mlp[l]    [d, d]          sum x^T x of the up/gate input (mlp_in)
+
+of which only the sums over layers, attn_sum and mlp_sum, are kept (ResQ's residual basis uses
+nothing else; a 7B model's per-layer [L, d, d] would be 2.9 GB each) unless ``per_layer=True``,
   value[l]  [KV, hd, hd]    per KV head, of the v_proj output
   key[l]    [hd, hd]        of k after RoPE, summed over KV heads
 
@@ -38,26 +41,31 @@ ABS_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
 
 @dataclasses.dataclass
 class CalibrationStats:
-    """Per-layer float64 statistics; arrays stacked over layers on axis 0."""
+    """Float64 statistics; per-layer arrays stacked over layers on axis 0."""
 
-    attn: np.ndarray  # [L, d, d]
-    mlp: np.ndarray  # [L, d, d]
+    attn_sum: np.ndarray  # [d, d]: attn[0] + attn[1] + ... in layer order
+    mlp_sum: np.ndarray  # [d, d]
     value: np.ndarray  # [L, KV, hd, hd]
     key: np.ndarray  # [L, hd, hd]
     abs_mean: dict[str, np.ndarray]  # site -> [L, channels]: max over windows of mean |x|
     tokens: int  # tokens seen per layer
+    attn: np.ndarray | None = None  # [L, d, d], with calibrate(per_layer=True)
+    mlp: np.ndarray | None = None  # [L, d, d], with calibrate(per_layer=True)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        out = {"attn": self.attn, "mlp": self.mlp, "value": self.value, "key": self.key,
+        out = {"attn_sum": self.attn_sum, "mlp_sum": self.mlp_sum, "value": self.value, "key": self.key,
                "tokens": np.asarray(self.tokens)}
+        out.update({k: v for k, v in (("attn", self.attn), ("mlp", self.mlp)) if v is not None})
         out.update({f"abs_mean.{k}": v for k, v in self.abs_mean.items()})
         return out
 
     @classmethod
     def from_dict(cls, d) -> "CalibrationStats":
-        return cls(attn=np.asarray(d["attn"]), mlp=np.asarray(d["mlp"]), value=np.asarray(d["value"]),
-                   key=np.asarray(d["key"]), tokens=int(d["tokens"]),
-                   abs_mean={k.split(".", 1)[1]: np.asarray(v) for k, v in d.items() if k.startswith("abs_mean.")})
+        per_layer = {k: np.asarray(d[k]) for k in ("attn", "mlp") if k in d}
+        return cls(attn_sum=np.asarray(d["attn_sum"]), mlp_sum=np.asarray(d["mlp_sum"]),
+                   value=np.asarray(d["value"]), key=np.asarray(d["key"]), tokens=int(d["tokens"]),
+                   abs_mean={k.split(".", 1)[1]: np.asarray(v) for k, v in d.items() if k.startswith("abs_mean.")},
+                   **per_layer)
 
 
 def _window_stats(sites: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
@@ -112,9 +120,12 @@ def check_window_count(n_windows: int, per_device_batch: int = 1, n_devices: int
 
 
 def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_device_batch: int = 1,
-              hooks: SiteHooks = IDENTITY, devices=None, progress: bool = True) -> CalibrationStats:
+              hooks: SiteHooks = IDENTITY, devices=None, progress: bool = True,
+              per_layer: bool = False) -> CalibrationStats:
     """Stream the calibration windows [N, T] through the model (a Decoder, or a
-    ``LayerStreamer.from_weights`` that builds one layer at a time) and collect statistics.
+    ``LayerStreamer.from_weights`` that builds one layer at a time) and collect statistics; the memory
+    does not grow with depth beyond the small per-layer arrays (value, key, abs_mean) unless
+    ``per_layer`` also keeps every layer's attn / mlp second moments.
 
     Each step gives every device ``per_device_batch`` windows, so N must be a multiple of
     ``per_device_batch * n_devices`` (no padding: padded windows would bias the statistics).
@@ -137,6 +148,7 @@ def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_devi
         xs = [jax.device_put(streamer.embed(jnp.asarray(windows[s * step_windows:(s + 1) * step_windows])),
                              data_sharding) for s in range(steps)]
         out: dict[str, np.ndarray] = {}  # key -> [L, ...] float64, filled layer by layer
+        sums: dict[str, np.ndarray] = {}  # attn, mlp: [d, d] summed over layers
         bar = progress_bar(n_layers * steps, "calibrate") if progress else None
         for i in range(n_layers):
             graphdef, state = streamer.layers[i]
@@ -150,15 +162,22 @@ def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_devi
             del graphdef, state
             for k, v in acc.items():
                 v = np.asarray(v)
+                if k in ("attn", "mlp"):  # summed in layer order, as np.sum(axis=0) of the stacked layers
+                    if i == 0:
+                        sums[k] = v.copy()
+                    else:
+                        sums[k] += v
+                    if not per_layer:
+                        continue
                 if k not in out:
                     out[k] = np.empty((n_layers, *v.shape), np.float64)
                 out[k][i] = v
         if bar is not None:
             bar.close()
     return CalibrationStats(
-        attn=out["attn"], mlp=out["mlp"], value=out["value"], key=out["key"],
+        attn_sum=sums["attn"], mlp_sum=sums["mlp"], value=out["value"], key=out["key"],
         abs_mean={name: out["abs." + name] for name in ABS_SITES},
-        tokens=int(windows.size),
+        tokens=int(windows.size), attn=out.get("attn"), mlp=out.get("mlp"),
     )
 
 

@@ -181,7 +181,7 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
     model, hooks = integer_decoder(qm)  # as scripts/quantize.py evaluates it (--eval-path packed)
     res = perplexity(model, win, hooks=hooks, progress=False)
     mb = lambda arrays: sum(np.asarray(a).nbytes for a in arrays) / 1e6  # noqa: E731
-    stats_mb = mb([stats.attn, stats.mlp, stats.value, stats.key, *stats.abs_mean.values()])
+    stats_mb = mb([stats.attn_sum, stats.mlp_sum, stats.value, stats.key, *stats.abs_mean.values()])
     activations_mb = calib.size * loaded.config.hidden_size * 4 / 1e6
     model_mb = mb(v for v in loaded.weights.values() if hasattr(v, "nbytes"))
     layer_mb = mb(v for k, v in loaded.weights.items() if k.startswith("layers.0.") and hasattr(v, "nbytes"))

@@ -219,9 +219,66 @@ def _inverse_cholesky_upper(h: jax.Array, damp: jax.Array) -> tuple[jax.Array, j
     return u.astype(_F32), ok
 
 
+def _reverse_inplace(flat: np.ndarray, chunk: int = 1 << 22) -> None:
+    """flat[:] = flat[::-1] with temporaries of ``chunk`` elements (for a C-contiguous [d, d] matrix
+    viewed flat, this is J a J: both axes reversed)."""
+    n = flat.size
+    for s in range(0, n // 2, chunk):
+        e = min(s + chunk, n // 2)
+        head = flat[s:e].copy()
+        flat[s:e] = flat[n - e:n - s][::-1]
+        flat[n - e:n - s] = head[::-1]
+
+
+def _inverse_cholesky_upper_inplace(a: np.ndarray, damp: float) -> bool:
+    """The large-d_in form of :func:`_inverse_cholesky_upper`: ``a`` (float32 [d, d] C-contiguous,
+    the Hessian) is replaced by U (upper, ``U^T U = (a + damp * mean(diag a) * I)^-1``) in place with
+    float32 LAPACK (spotrf, strtri) and returns True; or, when the damped matrix is not positive
+    definite, ``a`` is restored and False is returned. No [d, d] temporary: a down_proj Hessian of
+    a 7B model (d_in 18944) is 1.4 GB in float32 and would be 2.9 GB more in float64.
+
+    Same algebra as the float64 path: with J the reversal, J H J = L L^T and U = J L^-1 J. LAPACK
+    sees the C array as its transpose (a Fortran array), so its upper factor R = L^T of the
+    flipped matrix lands in our lower triangle, and the untouched other triangle keeps H for a
+    retry."""
+    from scipy.linalg import lapack
+
+    d = a.shape[0]
+    idx = np.arange(d)
+    diag0 = a[idx, idx].astype(np.float64)
+    a[idx, idx] = (diag0 + damp * diag0.mean()).astype(np.float32)
+    flat = a.reshape(-1)
+    _reverse_inplace(flat)  # a <- J a J
+    f = a.T  # Fortran-contiguous view of the same memory
+    c, info = lapack.spotrf(f, lower=0, overwrite_a=1, clean=0)
+    if not np.shares_memory(c, a):
+        raise AssertionError("scipy's spotrf did not factor in place")
+    ok = info == 0
+    if ok:
+        c, info = lapack.strtri(f, lower=0, overwrite_c=1)
+        if not np.shares_memory(c, a):
+            raise AssertionError("scipy's strtri did not invert in place")
+        ok = info == 0
+    if not ok:  # restore H from the strict upper triangle, which LAPACK did not touch
+        for i in range(d):
+            a[i, :i] = a[:i, i]
+        a[idx, idx] = diag0[::-1].astype(np.float32)
+        _reverse_inplace(flat)
+        return False
+    _reverse_inplace(flat)  # lower L^-1 -> upper J L^-1 J
+    for i in range(1, d):
+        a[i, :i] = 0.0
+    diag = a[idx, idx]
+    if not (np.all(diag > 0) and all(np.isfinite(a[r:r + 512]).all() for r in range(0, d, 512))):
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 # public entry point
 # ----------------------------------------------------------------------------------------------
+# d_in above which U is factored in float32 in place (_inverse_cholesky_upper_inplace) instead of float64
+F64_CHOLESKY_MAX = 8192
 def _check_args(w, h, low_bits, high_bits, high_rows, row_perm, block_size, damp, group_size,
                 max_retries):
     if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
@@ -281,7 +338,7 @@ def _block_scales(w, start, rows, bits, group_size, clip_search):
 def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0,
                   row_perm: np.ndarray | None = None, block_size: int = 128, damp: float = DEFAULT_DAMP,
                   act_order: bool = False, clip_search: bool = False, group_size: int | None = None,
-                  max_retries: int = DEFAULT_MAX_RETRIES) -> GPTQResult:
+                  max_retries: int = DEFAULT_MAX_RETRIES, overwrite_h: bool = False) -> GPTQResult:
     """GPTQ of ``w: [d_in, d_out]`` with Hessian ``h: [d_in, d_in]`` (see the module docstring).
 
     Steps: apply ``row_perm`` to w's rows and h's rows and columns (the last ``high_rows`` rows
@@ -295,25 +352,43 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
     un-permute. If the damped h is not positive definite (or the sweep overflows) the damping is
     multiplied by 10, up to ``max_retries`` times, with a GPTQDampingWarning naming the damping
     that worked; if none works a GPTQError is raised. Never returns non-finite weights.
+
+    Above ``F64_CHOLESKY_MAX`` input rows (a 7B model's down_proj) U is factored in float32 in place on
+    the host (:func:`_inverse_cholesky_upper_inplace`; the official GPTQ code factors in float32 at every
+    size), so the Hessian exists once; ``overwrite_h=True`` lets that use ``h`` itself (a writable float32
+    NumPy array the caller no longer needs) instead of a copy.
     """
     w = jnp.asarray(w)
-    h = jnp.asarray(h)
+    big = np.shape(h)[0] > F64_CHOLESKY_MAX
+    if big:
+        reuse = (overwrite_h and isinstance(h, np.ndarray) and h.dtype == np.float32 and h.flags.c_contiguous
+                 and h.flags.writeable)
+        h = h if reuse else np.array(h, dtype=np.float32, order="C")
+    else:
+        h = jnp.asarray(h)
+    xp = np if big else jnp
     low_bits, high_bits, high_rows, row_perm, block_size, damp, group_size = _check_args(
         w, h, low_bits, high_bits, high_rows, row_perm, block_size, damp, group_size, max_retries)
     d_in, d_out = w.shape
     n_low = d_in - high_rows
     w = w.astype(_F32)
-    h = h.astype(_F32)
-    if not (bool(jnp.all(jnp.isfinite(w))) and bool(jnp.all(jnp.isfinite(h)))):
+    h = h if big else h.astype(_F32)
+    finite_h = (all(np.isfinite(h[r:r + 512]).all() for r in range(0, d_in, 512)) if big
+                else bool(jnp.all(jnp.isfinite(h))))
+    if not (bool(jnp.all(jnp.isfinite(w))) and finite_h):
         raise GPTQError("w or the Hessian contains NaN/inf; damping cannot fix that: check the "
                         "weights and the calibration activations that produced the Hessian")
 
     if row_perm is not None:
         w = w[row_perm]
         h = h[row_perm][:, row_perm]
-    diag = jnp.diag(h)
+    diag = xp.diag(h)
     dead = diag == 0.0
-    h = h + jnp.diag(dead.astype(_F32))
+    if big:
+        h[np.flatnonzero(dead), np.flatnonzero(dead)] = 1.0
+        dead = jnp.asarray(dead)
+    else:
+        h = h + jnp.diag(dead.astype(_F32))
     w = jnp.where(dead[:, None], _F32(0.0), w)
 
     s_low, g_low = _block_scales(w, 0, n_low, low_bits, group_size, clip_search)
@@ -326,7 +401,7 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
 
     order = None
     if act_order:
-        order = np.argsort(-np.asarray(jnp.diag(h)), kind="stable")
+        order = np.argsort(-np.asarray(xp.diag(h)), kind="stable")
         w = w[order]
         h = h[order][:, order]
         row_group = row_group[order]
@@ -340,18 +415,27 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
     retries = 0
     damp_now = damp
     while True:
-        with jax.enable_x64(True):
-            u, ok = _inverse_cholesky_upper(h, jnp.asarray(damp_now, jnp.float64))
-            ok = bool(ok)
+        if big:
+            ok = _inverse_cholesky_upper_inplace(h, damp_now)
+            u = h if ok else None
+        else:
+            with jax.enable_x64(True):
+                u, ok = _inverse_cholesky_upper(h, jnp.asarray(damp_now, jnp.float64))
+                ok = bool(ok)
         if ok:
             # padding rows: identity in u (no coupling), zero weights -> zero code and error
-            u_pad = jnp.pad(u, ((0, n_pad), (0, n_pad))) + jnp.diag(
+            u_pad = u if not n_pad else jnp.pad(u, ((0, n_pad), (0, n_pad))) + jnp.diag(
                 jnp.concatenate([jnp.zeros(d_in, _F32), jnp.ones(n_pad, _F32)]))
             codes, w_q, ok = gptq_sweep(w_pad, u_pad, scales, row_group, row_high,
                                         block_size=block_size, low_bits=low_bits, high_bits=high_bits)
             ok = bool(ok) and bool(jnp.all(jnp.isfinite(w_q)))
         if ok:
             break
+        if big and u is h and retries < max_retries:  # factored in place: no Hessian left to retry with
+            raise GPTQError(
+                f"GPTQ failed: the sweep over the [{d_in}, {d_in}] Hessian overflowed with damping {damp_now:g} * "
+                "mean(diag H); pass a larger damp (the in-place float32 factor of a large Hessian cannot be "
+                "retried)")
         if retries >= max_retries:
             raise GPTQError(
                 f"GPTQ failed: the damped Hessian [{d_in}, {d_in}] is not positive definite (or the "

@@ -169,9 +169,11 @@ def _gptq_group(out: MutableMapping, codes: MutableMapping, config: ModelConfig,
     keys = [f"layers.{i}.{name}" for name in names]
     ws = [np.asarray(out[k], np.float32) for k in keys]
     cuts = np.cumsum([w.shape[1] for w in ws])[:-1]
-    res = gptq_quantize(np.concatenate(ws, axis=1), h, low_bits=spec.w_bits, high_bits=spec.high_bits,
-                        high_rows=high, row_perm=perm, act_order=act_order, damp=damp,
-                        clip_search=spec.clip_search)
+    w = np.concatenate(ws, axis=1)
+    del ws
+    res = gptq_quantize(w, h, low_bits=spec.w_bits, high_bits=spec.high_bits, high_rows=high, row_perm=perm,
+                        act_order=act_order, damp=damp, clip_search=spec.clip_search, overwrite_h=True)
+    del w
     w_q = np.asarray(res.w_q, np.float32)
     for k, w_part, c in zip(keys, np.split(w_q, cuts, axis=1), _split_codes(res.codes, cuts)):
         out[k] = w_part
@@ -208,34 +210,59 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
     bar = progress_bar(config.num_layers, "gptq", unit="layer") if progress else None
     per_layer = []
 
-    def total(parts):
-        return np.asarray(functools.reduce(jnp.add, parts), np.float32) * scale
+    def hessian(grams):
+        """(2/n) * the sum of the batches' Gram matrices, added in batch order as they come (one partial sum
+        and one batch's Gram in memory), as a writable float32 NumPy array that GPTQ may overwrite."""
+        h = None
+        for g in grams:
+            if h is None:
+                h = np.array(g, dtype=np.float32)
+            else:
+                h += np.asarray(g)
+            del g
+        h *= scale
+        return h
 
     def split():
         return nnx.split(_layer(config, out, i))
+
+    def group(names, h):
+        _gptq_group(out, codes, config, i, names, h, spec, act_order, damp)
+        for name in names:  # their float weights are no longer needed
+            out.maps[1].pop(f"layers.{i}.{name}", None)
 
     for i in range(config.num_layers):
         t0 = time.perf_counter()
         quantized.clear()
         out.maps[1] = _layer_entries(weights, i)
         g, s = split()
-        _gptq_group(out, codes, config, i, ("q", "k", "v"),
-                    total([_stage_attn_in(g, s, x, rope, positions) for x in xs]), spec, act_order, damp)
+        group(("q", "k", "v"), hessian(_stage_attn_in(g, s, x, rope, positions) for x in xs))
         g, s = split()
-        a_h = [_stage_o_in(g, s, x, rope, positions) for x in xs]
-        _gptq_group(out, codes, config, i, ("o",), total([h for _, h in a_h]), spec, act_order, damp)
+        attn = []
+
+        def o_grams():
+            for x in xs:
+                a, h = _stage_o_in(g, s, x, rope, positions)
+                attn.append(a)
+                yield h
+
+        group(("o",), hessian(o_grams()))
         g, s = split()
-        x1_h = [_stage_mlp_in(g, s, x, a) for x, (a, _) in zip(xs, a_h)]
-        del a_h
-        _gptq_group(out, codes, config, i, ("gate", "up"), total([h for _, h in x1_h]), spec, act_order, damp)
-        x1s = [x1 for x1, _ in x1_h]
-        del x1_h
+        x1s = []
+
+        def mlp_grams():
+            for x, a in zip(xs, attn):
+                x1, h = _stage_mlp_in(g, s, x, a)
+                x1s.append(x1)
+                yield h
+
+        group(("gate", "up"), hessian(mlp_grams()))
+        del attn
         g, s = split()
-        _gptq_group(out, codes, config, i, ("down",), total([_stage_down_in(g, s, x1) for x1 in x1s]),
-                    spec, act_order, damp)
+        group(("down",), hessian(_stage_down_in(g, s, x1) for x1 in x1s))
         g, s = split()
         xs = [_stage_out(g, s, x1) for x1 in x1s]
-        del x1s
+        del x1s, g, s
         per_layer.append(time.perf_counter() - t0)
         if bar is not None:
             bar.update(1)

@@ -29,7 +29,7 @@ class Transforms:
 def resq_transforms(config: ModelConfig, stats: CalibrationStats, fraction: float, seed: int) -> Transforms:
     """ResQ's bases from calibration statistics (docs/algorithms.md, The bases U_A, U_B, U_C and U_D)."""
     d, hd, n_layers = config.hidden_size, config.head_dim, config.num_layers
-    h_res = (stats.attn.sum(0) + stats.mlp.sum(0)) / (2 * n_layers * stats.tokens)
+    h_res = (stats.attn_sum + stats.mlp_sum) / (2 * n_layers * stats.tokens)
     _, u_a = damped_eigh(h_res)
     r1 = block_diag_rotation(d, high_rank(d, fraction), (seed, 1))
     r2 = block_diag_rotation(hd, high_rank(hd, fraction), (seed, 2))
