@@ -280,7 +280,8 @@ VOCAB_CHUNK = 8192
 
 
 def chunked_nll(h: jnp.ndarray, w_vd: jnp.ndarray, target: jnp.ndarray, chunk: int = VOCAB_CHUNK) -> jnp.ndarray:
-    """h: [N, d] float32 normed hidden; w_vd: [V, d] output matrix; target: [N] ids -> [N]
+    """h: [N, d] float32 normed hidden; w_vd: [V, d] output matrix (any float dtype: each chunk is widened
+    to float32); target: [N] ids -> [N]
     cross-entropy logsumexp(h @ w_vd.T) - (h @ w_vd.T)[target], one [N, chunk] logit block at
     a time (online logsumexp). The full chunks are read in place (dynamic slices, so the matrix is
     never copied: a 7B model's head is 2.2 GB in float32); the last V mod chunk rows are padded to a
@@ -302,12 +303,13 @@ def chunked_nll(h: jnp.ndarray, w_vd: jnp.ndarray, target: jnp.ndarray, chunk: i
         return new_max, run_sum, jnp.where(hit, picked, tgt)
 
     def step(carry, off):
-        return block(carry, jax.lax.dynamic_slice_in_dim(w_vd, off, chunk, axis=0), off), None
+        w_c = jax.lax.dynamic_slice_in_dim(w_vd, off, chunk, axis=0).astype(jnp.float32)
+        return block(carry, w_c, off), None
 
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
     carry, _ = jax.lax.scan(step, init, jnp.arange(n_full) * chunk)
     if rest:
-        tail = jnp.pad(w_vd[n_full * chunk:], ((0, chunk - rest), (0, 0)))
+        tail = jnp.pad(w_vd[n_full * chunk:].astype(jnp.float32), ((0, chunk - rest), (0, 0)))
         carry = block(carry, tail, n_full * chunk)
     run_max, run_sum, tgt = carry
     return run_max + jnp.log(run_sum) - tgt
@@ -353,7 +355,7 @@ class Decoder(nnx.Module):
         b, t, d = x.shape
         h = self._head_input(x)[:, :-1].reshape(-1, d)
         target = tokens[:, 1:].reshape(-1)
-        w_vd = (self.embed[...] if self.lm_head is None else self.lm_head[...].T).astype(jnp.float32)  # [V, d]
+        w_vd = self.embed[...] if self.lm_head is None else self.lm_head[...].T  # [V, d], widened per chunk
         return chunked_nll(h, w_vd, target).reshape(b, t - 1).mean(axis=-1)
 
     def rope(self, positions):

@@ -43,6 +43,7 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
+_EXACT_16 = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
@@ -187,6 +188,12 @@ class WeightStore(Mapping):
             return index_vocab(name, self[name], index)
         rows = s.rows(index)
         return np.ascontiguousarray(rows.T) if s.transposed else rows
+
+    def vocab_dtype(self, name: str) -> np.dtype:
+        """A table stored in bfloat16 / float16 (safetensors) holds values of that dtype; others float32."""
+        s = self._sources[name]
+        stored = SAFETENSORS_DTYPES.get(s.entry.dtype)
+        return stored if s.rows is not None and stored in _EXACT_16 else np.dtype(np.float32)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The contract shape of ``name``, without reading it."""

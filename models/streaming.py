@@ -16,7 +16,7 @@ from flax import nnx
 
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
 from resq_jax.models.rope import rope_tables
-from resq_jax.models.views import vocab_slice
+from resq_jax.models.views import VOCAB_AXIS, VOCAB_SLICE, vocab_dtype, vocab_slice
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hooks", "capture"))
@@ -79,8 +79,9 @@ class LayerStreamer:
         def head_parts():
             # an untied model's head does not need the embedding table on the device
             tied = "lm_head" not in weights
-            return nnx.split(_HeadView(config, as_param(weights["embed"]) if tied else None, as_param(weights["norm"]),
-                                       None if tied else as_param(weights["lm_head"])))
+            table = nnx.Param(device_table(weights, "embed" if tied else "lm_head", config.vocab_size))
+            return nnx.split(_HeadView(config, table if tied else None, as_param(weights["norm"]),
+                                       None if tied else table))
 
         self._head_parts = head_parts
         # a host gather of the looked-up rows only (bit-identical to the device gather): calibration and
@@ -128,6 +129,29 @@ class LayerStreamer:
     def logits(self, tokens, hooks=IDENTITY):
         g, s = self.head_parts
         return head_logits(g, s, self.hidden(tokens, hooks))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("axis",))
+def _set_slice(table, block, start, axis):
+    return jax.lax.dynamic_update_slice_in_dim(table, block, start, axis)
+
+
+def device_table(weights, name: str, vocab_size: int, chunk: int = VOCAB_SLICE) -> jax.Array:
+    """The vocabulary table ``name`` (embed [V, d] or lm_head [d, V]) on the device, in the narrowest dtype
+    that holds it exactly (``vocab_dtype``: a bfloat16 checkpoint's head stays 2 bytes per value) and built
+    slice by slice into one buffer: no whole float32 or float64 copy on the host (a 7B head is 2.2 GB in
+    float32). Slices widened to float32 inside the head give the float32 values."""
+    dtype = vocab_dtype(weights, name)
+    axis = VOCAB_AXIS[name]
+    table = None
+    for start in range(0, vocab_size, chunk):
+        block = vocab_slice(weights, name, slice(start, min(start + chunk, vocab_size)))
+        if table is None:
+            shape = list(block.shape)
+            shape[axis] = vocab_size
+            table = jnp.zeros(shape, dtype)
+        table = _set_slice(table, jnp.asarray(block.astype(dtype)), start, axis)
+    return table
 
 
 class _LazyLayers:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import ml_dtypes
 import numpy as np
 
 # vocabulary entries per slice when a view makes a whole embed / lm_head: its float64 temporaries are
@@ -41,6 +42,17 @@ def vocab_slice(weights: Mapping[str, np.ndarray], name: str, index) -> np.ndarr
     return fn(name, index) if fn is not None else index_vocab(name, weights[name], index)
 
 
+def vocab_dtype(weights: Mapping[str, np.ndarray], name: str) -> np.dtype:
+    """The narrowest float dtype that holds every value of the table ``name`` exactly, as far as the mapping
+    knows without reading it: a store's stored bfloat16 / float16, float32 for a computed table. Keeping a
+    table on the device in that dtype and widening slices of it to float32 gives the float32 values."""
+    fn = getattr(weights, "vocab_dtype", None)
+    if fn is not None:
+        return np.dtype(fn(name))
+    dtype = np.dtype(getattr(weights[name], "dtype", np.float32))
+    return dtype if dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)) else np.dtype(np.float32)
+
+
 class LazyWeights(Mapping):
     """A weights mapping computed from ``base`` one entry at a time on access, nothing cached.
 
@@ -54,8 +66,11 @@ class LazyWeights(Mapping):
     and the whole table is assembled slice by slice (``assemble_vocab``). Row and column slices of these
     float64 products are bit-identical to the whole products (BLAS sums each output over the same k)."""
 
-    def __init__(self, base: Mapping[str, np.ndarray], entry, extra=(), vocab=None):
+    def __init__(self, base: Mapping[str, np.ndarray], entry, extra=(), vocab=None, dtypes=None):
+        """``dtypes(name)``: the dtype of a vocabulary table the view changes (``vocab_dtype``), None when it
+        passes the base's through; by default float32 for every table when ``vocab`` is given."""
         self._base, self._entry, self._vocab = base, entry, vocab
+        self._dtypes = dtypes if dtypes is not None else (lambda name: np.float32) if vocab is not None else None
         self._keys = dict.fromkeys([*base, *extra])
 
     def __iter__(self):
@@ -77,6 +92,11 @@ class LazyWeights(Mapping):
         """Entries ``index`` of the vocabulary table ``name`` (``vocab_slice``)."""
         value = None if self._vocab is None else self._vocab(name, index)
         return vocab_slice(self._base, name, index) if value is None else value
+
+    def vocab_dtype(self, name: str) -> np.dtype:
+        """``vocab_dtype`` of the table ``name`` of this view."""
+        dtype = None if self._dtypes is None else self._dtypes(name)
+        return vocab_dtype(self._base, name) if dtype is None else np.dtype(dtype)
 
 
 def assemble_vocab(vocab, name: str, vocab_size: int, chunk: int = VOCAB_SLICE, dtype=np.float32) -> np.ndarray:
@@ -101,4 +121,5 @@ def overlaid(base: Mapping[str, np.ndarray], overlay: Mapping[str, np.ndarray]) 
     """``base`` with the entries of ``overlay`` (arrays in memory) replacing or added to its own, as a view;
     ``overlay`` is read on each access, so a caller may update it (GPTQ's current layer)."""
     return LazyWeights(base, overlay.get, extra=[k for k in overlay if k not in base],
-                       vocab=lambda name, index: index_vocab(name, overlay[name], index) if name in overlay else None)
+                       vocab=lambda name, index: index_vocab(name, overlay[name], index) if name in overlay else None,
+                       dtypes=lambda name: vocab_dtype(overlay, name) if name in overlay else None)

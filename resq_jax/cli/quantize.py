@@ -205,6 +205,7 @@ def run(args) -> int:
             ppl[name] = res.ppl
             secs += res.seconds
             log(f"{qc.method} {name}: ppl {res.ppl:.3f} ({res.tokens_per_second:.0f} tok/s)")
+        del model  # the evaluated model's device head and layer cache go now, before the next method
         runs.append({"method": qc.method, "config": qc.to_dict(), "ppl": ppl,
                      "eval_path": "packed" if packed else ("fake" if qc.recipe.quantize else "float"),
                      "weight_bits": qm.details.get("weight_bits"),

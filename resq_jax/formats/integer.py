@@ -239,6 +239,9 @@ def _grouped(w, group_size):
     return w.reshape(rows // gs, gs, w.shape[1])
 
 
+CLIP_SEARCH_COLUMNS = 4096  # output columns per clip-search block (the search's temporaries are 4 blocks)
+
+
 def _clip_search_scales(wg, amax, bits):
     """Per (group, column) MSE clip search. wg: [G, gs, d_out], amax: [G, d_out] -> scale."""
     maxq = _sym_maxq(bits)
@@ -283,7 +286,18 @@ def weight_scales(w: jax.Array, bits: int, group_size: int | None = None,
     wg = _grouped(w.astype(_F32), group_size)
     amax = jnp.max(jnp.abs(wg), axis=1)
     if clip_search:
-        return _clip_search_scales(wg, amax, bits)
+        cols = wg.shape[2]
+        if cols <= CLIP_SEARCH_COLUMNS:
+            return _clip_search_scales(wg, amax, bits)
+        # columns are independent: searched one block after another (lax.map), so the temporaries are those
+        # of one block; zero columns pad the last block (their scale is 1, then dropped)
+        n = -(-cols // CLIP_SEARCH_COLUMNS)
+        pad = n * CLIP_SEARCH_COLUMNS - cols
+        wb = jnp.pad(wg, ((0, 0), (0, 0), (0, pad))).reshape(*wg.shape[:2], n, CLIP_SEARCH_COLUMNS)
+        ab = jnp.pad(amax, ((0, 0), (0, pad))).reshape(amax.shape[0], n, CLIP_SEARCH_COLUMNS)
+        out = lax.map(lambda xs: _clip_search_scales(xs[0], xs[1], bits),
+                      (jnp.moveaxis(wb, 2, 0), jnp.moveaxis(ab, 1, 0)))  # [n, G, block]
+        return jnp.moveaxis(out, 0, 1).reshape(amax.shape[0], -1)[:, :cols]
     return jnp.where(amax == 0.0, _F32(1.0), ieee_div(amax, _sym_maxq(bits)))
 
 

@@ -93,7 +93,8 @@ class FoldedWeights(LazyWeights):
                 return _f32(g[:, None] * _f64(weights[key]))
             return None
 
-        super().__init__(weights, entry, extra=["lm_head"], vocab=vocab)
+        super().__init__(weights, entry, extra=["lm_head"], vocab=vocab,
+                         dtypes=lambda name: np.float32 if name == "lm_head" else None)
 
     @property
     def untied_config(self) -> ModelConfig:

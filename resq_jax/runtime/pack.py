@@ -405,7 +405,10 @@ def packed_weights(pm: PackedModel, impl: str = "auto") -> LazyWeights:
             return np.asarray(index_vocab(name, pm.arrays[name], index), np.float32)
         return index_vocab(name, table(name), index)
 
-    return LazyWeights(dict.fromkeys(keys), entry, vocab=vocab)
+    def dtypes(name):  # 16-bit float tables are exact in their dtype; dequantized codes are float32
+        return pm.arrays[name].dtype if emb is None else np.float32
+
+    return LazyWeights(dict.fromkeys(keys), entry, vocab=vocab, dtypes=dtypes)
 
 
 def packed_streamer(pm: PackedModel, impl: str = "auto") -> LayerStreamer:
