@@ -10,10 +10,16 @@ Sections (default: all that are available):
   packed      evaluation tokens/s and peak resident memory of the float model, the ResQ
               fake-quant model and the packed-integer runtime (each in a fresh process that
               loads a checkpoint written once beforehand), and the checkpoint sizes
+  scale       a large model (--model DIR, e.g. from scripts/make_random_model.py) quantized with
+              ResQ + GPTQ as scripts/quantize.py --out does it, in a fresh process: the seconds and
+              the peak resident memory of every stage (load, float evaluation, calibration,
+              projections, GPTQ with its seconds per layer, quantized evaluation, checkpoint
+              write, checkpoint load and evaluation), and the model's size on disk and in float32
 
   python scripts/benchmark.py --out results/benchmark.json
   python scripts/benchmark.py --section throughput --seq-len 512 --windows 8
   python scripts/benchmark.py --section packed --weight-quantizer rtn
+  python scripts/benchmark.py --section scale --model DIR --calib-windows 8 --eval-windows 2
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ import subprocess
 import sys
 import time
 
-SECTIONS = ("throughput", "stages", "hadamard", "packed")
+SECTIONS = ("throughput", "stages", "hadamard", "packed", "scale")
+DEFAULT_SECTIONS = ("throughput", "stages", "hadamard", "packed")  # scale needs a large --model
 RUNTIME_PATHS = ("float", "fake", "packed")
 
 
@@ -201,6 +208,72 @@ def stages(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: in
                           "peak_rss_end": _peak_rss_mb()}}
 
 
+def scale(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: int, folder: str,
+          weight_quantizer: str = "gptq") -> dict:
+    """ResQ W4A4KV4 of ``model_spec`` stage by stage as scripts/quantize.py --method resq --out runs it
+    (codes spilled, layer-streamed evaluation, checkpoint written layer by layer), each stage's seconds and
+    peak RSS (util.memory.StageMeter); meant to run in a fresh process."""
+    import numpy as np
+
+    from resq_jax.calibration.statistics import calibrate
+    from resq_jax.data.texts import load_text
+    from resq_jax.data.windows import calib_windows as sample
+    from resq_jax.data.windows import eval_windows, tokenize
+    from resq_jax.eval.perplexity import perplexity
+    from resq_jax.models.loaders import load_model
+    from resq_jax.models.streaming import LayerStreamer
+    from resq_jax.pipeline.quantize import prepare, quantize_model
+    from resq_jax.pipeline.recipes import QuantConfig
+    from resq_jax.quant.code_store import CodeStore
+    from resq_jax.runtime.checkpoint import load_packed, save_packed
+    from resq_jax.runtime.pack import pack_model, packed_streamer
+    from resq_jax.util.memory import StageMeter
+
+    meter = StageMeter()
+    with meter.stage("load"):
+        loaded = load_model(model_spec)
+    cfg = loaded.config
+    calib = sample(tokenize(load_text("wiki-calib").text, loaded.tokenizer), calib_windows, seq_len, 0)
+    win = eval_windows(tokenize(load_text("wiki-eval").text, loaded.tokenizer), eval_windows_n, seq_len)
+    ppl = {}
+    with meter.stage("evaluate_float"):
+        ppl["float"] = perplexity(LayerStreamer.from_weights(cfg, loaded.weights), win, progress=False).ppl
+    qc = QuantConfig(method="resq", weight_quantizer=weight_quantizer)
+    with meter.stage("calibrate"):
+        config, w = prepare(cfg, loaded.weights, qc.recipe)
+        stats = calibrate(LayerStreamer.from_weights(config, w), calib, progress=False)
+        del config, w
+    with meter.stage("quantize"):  # projections + fusion (a view) + GPTQ, codes spilled
+        qm = quantize_model(cfg, loaded.weights, qc, calib, stats=stats, progress=False,
+                            codes=CodeStore.spilled())
+    with meter.stage("evaluate_packed"):
+        pm = pack_model(qm)
+        ppl["resq_packed"] = perplexity(packed_streamer(pm), win, hooks=pm.hooks, progress=False).ppl
+    with meter.stage("save_checkpoint"):
+        save_packed(folder, pm, tokenizer=loaded.tokenizer, source=loaded.source, force=True)
+    codes_mb = qm.codes.nbytes_spilled() / 1e6
+    quant_seconds, gptq_per_layer = dict(qm.seconds), qm.details.get("gptq_per_layer")
+    del pm, qm
+    with meter.stage("load_and_evaluate_checkpoint"):
+        back = load_packed(folder).model
+        ppl["checkpoint"] = perplexity(packed_streamer(back), win, hooks=back.hooks, progress=False).ppl
+    store = loaded.weights
+    layer = [k for k in store if k.startswith("layers.0.")]
+    stored = store.stored_bytes() if hasattr(store, "stored_bytes") else None
+    float32 = store.float32_bytes() if hasattr(store, "float32_bytes") else None
+    shape_of = getattr(store, "shape", None)
+    layer_f32 = sum(4 * int(np.prod(shape_of(k))) for k in layer) if shape_of else None
+    return {"model": loaded.source, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size,
+            "calib_windows": calib_windows, "eval_windows": eval_windows_n, "seq_len": seq_len,
+            "weight_quantizer": weight_quantizer, "stages": meter.stages, "peak_reset_per_stage": meter.resettable,
+            "quantize_seconds": quant_seconds, "gptq_seconds_per_layer": gptq_per_layer,
+            "ppl": ppl, "checkpoint_mb": _folder_mb(folder), "spilled_codes_mb": codes_mb,
+            "model_mb": {"stored": None if stored is None else stored / 1e6,
+                         "float32": None if float32 is None else float32 / 1e6,
+                         "one_layer_float32": None if layer_f32 is None else layer_f32 / 1e6}}
+
+
 def _folder_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6
 
@@ -316,7 +389,8 @@ def hadamard_section() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", action="append", choices=SECTIONS, help="repeatable; default all")
+    p.add_argument("--section", action="append", choices=SECTIONS,
+                   help=f"repeatable; default {','.join(DEFAULT_SECTIONS)} (scale needs a large --model)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--windows", type=int, default=8, help="evaluation windows for throughput")
     p.add_argument("--seq-len", type=int, default=512)
@@ -333,7 +407,12 @@ def main(argv=None) -> int:
     p.add_argument("--child-stages", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-prepare", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--child-runtime", nargs=2, metavar=("PATH", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--child-scale", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child_scale:
+        print(json.dumps(scale(args.model, args.calib_windows, args.eval_windows, args.seq_len, args.child_scale,
+                               args.weight_quantizer)))
+        return 0
     if args.child_stages:
         print(json.dumps(stages(args.model, args.calib_windows, args.eval_windows, args.seq_len,
                                 args.weight_quantizer)))
@@ -346,7 +425,7 @@ def main(argv=None) -> int:
         path, folder = args.child_runtime
         print(json.dumps(runtime_path(path, args.model, folder, args.windows, args.seq_len, args.batch_size)))
         return 0
-    sections = args.section or list(SECTIONS)
+    sections = args.section or list(DEFAULT_SECTIONS)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": sys.platform}}
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -364,6 +443,18 @@ def main(argv=None) -> int:
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         elif name == "packed":
             results[name] = packed_section(args)
+        elif name == "scale":
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="resq-jax-scale-") as tmp:
+                out = subprocess.run([sys.executable, "-m", "resq_jax.cli.benchmark", "--child-scale",
+                                      os.path.join(tmp, "ckpt"), "--model", args.model, "--calib-windows",
+                                      str(args.calib_windows), "--eval-windows", str(args.eval_windows),
+                                      "--seq-len", str(args.seq_len), "--weight-quantizer", args.weight_quantizer],
+                                     capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"scale section failed:\n{out.stderr[-3000:]}")
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         elif name == "hadamard":
             try:
                 results[name] = hadamard_section()

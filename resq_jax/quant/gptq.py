@@ -424,6 +424,8 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
                 ok = bool(ok)
         if ok:
             # padding rows: identity in u (no coupling), zero weights -> zero code and error
+            if big and not n_pad:
+                u = jnp.from_dlpack(u)  # the host array itself (zero-copy on CPU), not a second 1.4 GB copy
             u_pad = u if not n_pad else jnp.pad(u, ((0, n_pad), (0, n_pad))) + jnp.diag(
                 jnp.concatenate([jnp.zeros(d_in, _F32), jnp.ones(n_pad, _F32)]))
             codes, w_q, ok = gptq_sweep(w_pad, u_pad, scales, row_group, row_high,
@@ -431,7 +433,7 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
             ok = bool(ok) and bool(jnp.all(jnp.isfinite(w_q)))
         if ok:
             break
-        if big and u is h and retries < max_retries:  # factored in place: no Hessian left to retry with
+        if big and u is not None and retries < max_retries:  # factored in place: no Hessian left to retry with
             raise GPTQError(
                 f"GPTQ failed: the sweep over the [{d_in}, {d_in}] Hessian overflowed with damping {damp_now:g} * "
                 "mean(diag H); pass a larger damp (the in-place float32 factor of a large Hessian cannot be "
