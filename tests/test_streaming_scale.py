@@ -160,6 +160,7 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     for layers in (2, 6):
         folder = write_random_model(tmp_path / f"m{layers}", "small-llama", layers=layers, seed=0)
         peaks[layers] = _peak_rss_mb(folder, tmp_path / f"ck{layers}", tmp_path)
+    print("peak RSS (MB) by layer count:", peaks)
     assert abs(peaks[6] - peaks[2]) < 150, peaks
     assert (tmp_path / "ck6" / "meta.json").is_file()
     res = subprocess.run([sys.executable, "-m", "resq_jax.cli.evaluate", "--checkpoint", str(tmp_path / "ck6"),
