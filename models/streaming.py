@@ -16,7 +16,7 @@ from flax import nnx
 
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
 from resq_jax.models.rope import rope_tables
-from resq_jax.models.views import VOCAB_AXIS, VOCAB_SLICE, vocab_dtype, vocab_slice
+from resq_jax.models.views import VOCAB_AXIS, VOCAB_SLICE, vocab_blocks, vocab_dtype, vocab_slice
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hooks", "capture"))
@@ -142,15 +142,10 @@ def device_table(weights, name: str, vocab_size: int, chunk: int = VOCAB_SLICE) 
     slice by slice into one buffer: no whole float32 or float64 copy on the host (a 7B head is 2.2 GB in
     float32). Slices widened to float32 inside the head give the float32 values."""
     dtype = vocab_dtype(weights, name)
-    axis = VOCAB_AXIS[name]
     table = None
-    for start in range(0, vocab_size, chunk):
-        block = vocab_slice(weights, name, slice(start, min(start + chunk, vocab_size)))
-        if table is None:
-            shape = list(block.shape)
-            shape[axis] = vocab_size
-            table = jnp.zeros(shape, dtype)
-        table = _set_slice(table, jnp.asarray(block.astype(dtype)), start, axis)
+    for start, block, shape in vocab_blocks(functools.partial(vocab_slice, weights), name, vocab_size, chunk):
+        table = jnp.zeros(shape, dtype) if table is None else table
+        table = _set_slice(table, jnp.asarray(block.astype(dtype)), start, VOCAB_AXIS[name])
     return table
 
 

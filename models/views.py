@@ -99,21 +99,22 @@ class LazyWeights(Mapping):
         return vocab_dtype(self._base, name) if dtype is None else np.dtype(dtype)
 
 
+def vocab_blocks(vocab, name: str, vocab_size: int, chunk: int = VOCAB_SLICE):
+    """Yields (start, block, whole-table shape) for ``vocab(name, slice)`` calls of ``chunk`` entries each."""
+    for start in range(0, vocab_size, chunk):
+        block = vocab(name, slice(start, min(start + chunk, vocab_size)))
+        shape = list(block.shape)
+        shape[VOCAB_AXIS[name]] = vocab_size
+        yield start, block, tuple(shape)
+
+
 def assemble_vocab(vocab, name: str, vocab_size: int, chunk: int = VOCAB_SLICE, dtype=np.float32) -> np.ndarray:
     """The whole table ``name`` from ``vocab(name, slice)`` calls of ``chunk`` entries each, in ``dtype``."""
-    axis = VOCAB_AXIS[name]
     out = None
-    for start in range(0, vocab_size, chunk):
-        sl = slice(start, min(start + chunk, vocab_size))
-        block = vocab(name, sl)
-        if out is None:
-            shape = list(block.shape)
-            shape[axis] = vocab_size
-            out = np.empty(shape, dtype)
-        if axis == 0:
-            out[sl] = block
-        else:
-            out[:, sl] = block
+    for start, block, shape in vocab_blocks(vocab, name, vocab_size, chunk):
+        out = np.empty(shape, dtype) if out is None else out
+        index = slice(start, start + block.shape[VOCAB_AXIS[name]])
+        out[(index,) if VOCAB_AXIS[name] == 0 else (slice(None), index)] = block
     return out
 
 

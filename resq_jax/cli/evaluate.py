@@ -89,8 +89,8 @@ def run(args) -> int:
 
         ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
         cache = None if new_cache is None else new_cache(len(ids) + args.max_new_tokens)
-        new = generate_greedy(from_weights(config, dict(weights)), ids, args.max_new_tokens, hooks=hooks, eos_token_id=config.eos_token_id,
-                              cache=cache)
+        new = generate_greedy(from_weights(config, dict(weights)), ids, args.max_new_tokens, hooks=hooks,
+                              eos_token_id=config.eos_token_id, cache=cache)
         print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
 
     if evals:
@@ -98,8 +98,8 @@ def run(args) -> int:
 
         ppl, secs = {}, 0.0
         for name, windows in evals.items():
-            res = perplexity(LayerStreamer.from_weights(config, weights), windows, batch_size=args.batch_size, hooks=hooks,
-                             progress=False if args.quiet else f"eval {name}")
+            res = perplexity(LayerStreamer.from_weights(config, weights), windows, batch_size=args.batch_size,
+                             hooks=hooks, progress=False if args.quiet else f"eval {name}")
             ppl[name] = res.ppl
             secs += res.seconds
             log(f"{name}: ppl {res.ppl:.4f} over {windows.shape[0]} x {windows.shape[1]} tokens "

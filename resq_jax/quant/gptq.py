@@ -279,6 +279,8 @@ def _inverse_cholesky_upper_inplace(a: np.ndarray, damp: float) -> bool:
 # ----------------------------------------------------------------------------------------------
 # d_in above which U is factored in float32 in place (_inverse_cholesky_upper_inplace) instead of float64
 F64_CHOLESKY_MAX = 8192
+
+
 def _check_args(w, h, low_bits, high_bits, high_rows, row_perm, block_size, damp, group_size,
                 max_retries):
     if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:

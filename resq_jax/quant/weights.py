@@ -67,9 +67,10 @@ def dequantized(config: ModelConfig, weights: Mapping[str, np.ndarray], codes: M
     original row order (float32), computed when read: the fake-quant model as a view."""
 
     def entry(key):
-        if key not in codes:
+        name = key.rsplit(".", 1)[-1]
+        if name not in LINEARS or key not in codes:
             return None
-        perm, _ = linear_high_rows(config, key.rsplit(".", 1)[1], spec)
+        perm, _ = linear_high_rows(config, name, spec)
         return _unpermute(np.asarray(dequantize_weight(codes[key])), perm)
 
     return LazyWeights(weights, entry)
@@ -141,6 +142,13 @@ def _stage_down_in(graphdef, state, x1):
 def _stage_out(graphdef, state, x1):
     """x1: [B, T, d] -> the layer's output x1 + mlp(x1) with every linear quantized."""
     return x1 + nnx.merge(graphdef, state).mlp(x1, IDENTITY)
+
+
+def _kept(outputs: list, pairs):
+    """Yields the Hessian term of each (output, Gram) pair, appending the output to ``outputs``."""
+    for out, gram_sum in pairs:
+        outputs.append(out)
+        yield gram_sum
 
 
 def _split_codes(c: WeightCodes, cuts: np.ndarray) -> list[WeightCodes]:
@@ -238,25 +246,11 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
         g, s = split()
         group(("q", "k", "v"), hessian(_stage_attn_in(g, s, x, rope, positions) for x in xs))
         g, s = split()
-        attn = []
-
-        def o_grams():
-            for x in xs:
-                a, h = _stage_o_in(g, s, x, rope, positions)
-                attn.append(a)
-                yield h
-
-        group(("o",), hessian(o_grams()))
+        attn: list = []
+        group(("o",), hessian(_kept(attn, (_stage_o_in(g, s, x, rope, positions) for x in xs))))
         g, s = split()
-        x1s = []
-
-        def mlp_grams():
-            for x, a in zip(xs, attn):
-                x1, h = _stage_mlp_in(g, s, x, a)
-                x1s.append(x1)
-                yield h
-
-        group(("gate", "up"), hessian(mlp_grams()))
+        x1s: list = []
+        group(("gate", "up"), hessian(_kept(x1s, (_stage_mlp_in(g, s, x, a) for x, a in zip(xs, attn)))))
         del attn
         g, s = split()
         group(("down",), hessian(_stage_down_in(g, s, x1) for x1 in x1s))

@@ -46,6 +46,7 @@ dequantized inside attention, which reproduces the fake-quant K/V exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import jax.numpy as jnp
@@ -383,10 +384,12 @@ def packed_weights(pm: PackedModel, impl: str = "auto") -> LazyWeights:
         keys += [p + k for k in ("attn_norm", "mlp_norm", "key_rotation") if p + k in pm.arrays]
         keys += [p + name for name in LINEARS] + ([p + "down_hadamard"] if pm.down_hadamard else [])
 
+    @functools.cache
+    def decoded(name):  # quantized tables dequantized once per view (a device table reads them slice by slice)
+        return emb.embed() if name == "embed" else emb.lm_head(decoded("embed"))
+
     def table(name):
-        if emb is None:
-            return np.asarray(pm.arrays[name], np.float32)
-        return emb.embed() if name == "embed" else emb.lm_head(emb.embed())
+        return np.asarray(pm.arrays[name], np.float32) if emb is None else decoded(name)
 
     def entry(key):
         if key in ("embed", "lm_head"):
