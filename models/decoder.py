@@ -279,21 +279,29 @@ def site_recorder(hooks: SiteHooks, capture: tuple[str, ...]):
 VOCAB_CHUNK = 8192
 
 
-def chunked_nll(h: jnp.ndarray, w_vd: jnp.ndarray, target: jnp.ndarray, chunk: int = VOCAB_CHUNK) -> jnp.ndarray:
-    """h: [N, d] float32 normed hidden; w_vd: [V, d] output matrix (any float dtype: each chunk is widened
-    to float32); target: [N] ids -> [N]
-    cross-entropy logsumexp(h @ w_vd.T) - (h @ w_vd.T)[target], one [N, chunk] logit block at
-    a time (online logsumexp). The full chunks are read in place (dynamic slices, so the matrix is
-    never copied: a 7B model's head is 2.2 GB in float32); the last V mod chunk rows are padded to a
-    chunk with masked rows."""
+def chunked_nll(h: jnp.ndarray, w: jnp.ndarray, target: jnp.ndarray, chunk: int = VOCAB_CHUNK,
+                vocab_axis: int = 0) -> jnp.ndarray:
+    """h: [N, d] float32 normed hidden; w: the output matrix, [V, d] (``vocab_axis=0``, a tied embedding) or
+    [d, V] (``vocab_axis=1``, an lm_head), any float dtype (each chunk is widened to float32); target: [N]
+    ids -> [N] cross-entropy logsumexp(logits) - logits[target], logits = h @ (the [d, V] matrix), one
+    [N, chunk] logit block at a time (online logsumexp).
+
+    The full chunks are read in place along the vocabulary axis (dynamic slices), so the matrix is never
+    copied, transposed or widened whole (a 7B head is 1.1 GB in bfloat16, 2.2 GB in float32); the last
+    V mod chunk entries are padded to a chunk and masked."""
     n, d = h.shape
-    v = w_vd.shape[0]
+    v = w.shape[vocab_axis]
     chunk = min(chunk, v)
     n_full, rest = divmod(v, chunk)
 
+    def product(w_c):  # w_c: a [chunk, d] or [d, chunk] float32 slice -> [N, chunk]
+        if vocab_axis == 0:
+            return jnp.matmul(h, w_c.T, precision=EXACT)
+        return jnp.matmul(h, w_c, precision=EXACT)
+
     def block(carry, w_c, off):
         run_max, run_sum, tgt = carry
-        logits = jnp.matmul(h, w_c.T, precision=EXACT)  # [N, chunk]
+        logits = product(w_c)  # [N, chunk]
         logits = jnp.where(off + jnp.arange(chunk) < v, logits, -jnp.inf)
         new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
         run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1)
@@ -302,15 +310,24 @@ def chunked_nll(h: jnp.ndarray, w_vd: jnp.ndarray, target: jnp.ndarray, chunk: i
         picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
         return new_max, run_sum, jnp.where(hit, picked, tgt)
 
+    # A 16-bit matrix is sliced as its raw 16-bit integers and reinterpreted per chunk: given a bfloat16 /
+    # float16 matrix, XLA:CPU widens all of it to float32 before the loop (2.2 GB for a 7B head); this way the
+    # loop holds one 16-bit copy at most.
+    raw = w.dtype.itemsize == 2 and jnp.issubdtype(w.dtype, jnp.floating)
+    w_sliced = jax.lax.bitcast_convert_type(w, jnp.uint16) if raw else w
+
     def step(carry, off):
-        w_c = jax.lax.dynamic_slice_in_dim(w_vd, off, chunk, axis=0).astype(jnp.float32)
-        return block(carry, w_c, off), None
+        w_c = jax.lax.dynamic_slice_in_dim(w_sliced, off, chunk, axis=vocab_axis)
+        w_c = jax.lax.bitcast_convert_type(w_c, w.dtype) if raw else w_c
+        return block(carry, w_c.astype(jnp.float32), off), None
 
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
     carry, _ = jax.lax.scan(step, init, jnp.arange(n_full) * chunk)
     if rest:
-        tail = jnp.pad(w_vd[n_full * chunk:].astype(jnp.float32), ((0, chunk - rest), (0, 0)))
-        carry = block(carry, tail, n_full * chunk)
+        tail = jax.lax.slice_in_dim(w, n_full * chunk, v, axis=vocab_axis).astype(jnp.float32)
+        pad = [(0, 0), (0, 0)]
+        pad[vocab_axis] = (0, chunk - rest)
+        carry = block(carry, jnp.pad(tail, pad), n_full * chunk)
     run_max, run_sum, tgt = carry
     return run_max + jnp.log(run_sum) - tgt
 
@@ -348,15 +365,18 @@ class Decoder(nnx.Module):
         """Mean next-token cross-entropy per window without materializing the logits.
 
         x: [B, T, d] last layer output; tokens: [B, T] -> [B] float32. The vocabulary is swept
-        in chunks of VOCAB_CHUNK rows of the output matrix with a running (max, sum of exp),
+        in chunks of VOCAB_CHUNK entries of the output matrix with a running (max, sum of exp),
         the target's logit taken from the same chunk's product; the result equals
         logsumexp(logits) - logits[target] of ``head`` up to float32 summation order.
         """
         b, t, d = x.shape
         h = self._head_input(x)[:, :-1].reshape(-1, d)
         target = tokens[:, 1:].reshape(-1)
-        w_vd = self.embed[...] if self.lm_head is None else self.lm_head[...].T  # [V, d], widened per chunk
-        return chunked_nll(h, w_vd, target).reshape(b, t - 1).mean(axis=-1)
+        if self.lm_head is None:  # widened per chunk, never transposed
+            nll = chunked_nll(h, self.embed[...], target, vocab_axis=0)
+        else:
+            nll = chunked_nll(h, self.lm_head[...], target, vocab_axis=1)
+        return nll.reshape(b, t - 1).mean(axis=-1)
 
     def rope(self, positions):
         return rope_tables(self.inv_freq, positions)

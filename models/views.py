@@ -12,6 +12,7 @@ without building the whole table.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import ml_dtypes
@@ -25,9 +26,41 @@ VOCAB_SLICE = 8192
 VOCAB_AXIS = {"embed": 0, "lm_head": 1}
 
 
+class SpilledTable:
+    """A table kept in a ``.npy`` file instead of memory (a packed 7B model's float16 embed and lm_head: 1.1 GB
+    each): ``shape`` / ``dtype`` known, ``table[index]`` reads those entries, ``np.asarray(table)`` the whole.
+    Each read maps the file and unmaps it after, so the pages read do not stay in the process's memory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        m = np.load(self.path, mmap_mode="r")
+        self.shape, self.dtype = m.shape, m.dtype
+        del m
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __getitem__(self, index) -> np.ndarray:
+        m = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(m[index])
+        finally:
+            del m
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = np.load(self.path)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
 def index_vocab(name: str, a, index) -> np.ndarray:
-    """``a`` (the whole table ``name``) restricted to the vocabulary entries ``index``."""
-    a = np.asarray(a)
+    """``a`` (the whole table ``name``, an array or a ``SpilledTable``) restricted to the vocabulary entries
+    ``index``."""
+    a = a if isinstance(a, SpilledTable) else np.asarray(a)
     return a[index] if VOCAB_AXIS[name] == 0 else a[:, index]
 
 
@@ -108,14 +141,26 @@ def vocab_blocks(vocab, name: str, vocab_size: int, chunk: int = VOCAB_SLICE):
         yield start, block, tuple(shape)
 
 
-def assemble_vocab(vocab, name: str, vocab_size: int, chunk: int = VOCAB_SLICE, dtype=np.float32) -> np.ndarray:
-    """The whole table ``name`` from ``vocab(name, slice)`` calls of ``chunk`` entries each, in ``dtype``."""
+def assemble_vocab(vocab, name: str, vocab_size: int, chunk: int = VOCAB_SLICE, dtype=np.float32,
+                   path: str | Path | None = None) -> np.ndarray | SpilledTable:
+    """The whole table ``name`` from ``vocab(name, slice)`` calls of ``chunk`` entries each, in ``dtype``: an
+    array, or with ``path`` a ``SpilledTable`` written there slice by slice (one slice in memory)."""
     out = None
     for start, block, shape in vocab_blocks(vocab, name, vocab_size, chunk):
-        out = np.empty(shape, dtype) if out is None else out
         index = slice(start, start + block.shape[VOCAB_AXIS[name]])
-        out[(index,) if VOCAB_AXIS[name] == 0 else (slice(None), index)] = block
-    return out
+        index = (index,) if VOCAB_AXIS[name] == 0 else (slice(None), index)
+        if path is None:
+            out = np.empty(shape, dtype) if out is None else out
+            out[index] = block
+            continue
+        if out is None:
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        else:
+            out = np.load(path, mmap_mode="r+")
+        out[index] = block
+        out.flush()
+        out = True  # unmapped after each slice: the written pages leave the process's memory
+    return out if path is None else SpilledTable(path)
 
 
 def overlaid(base: Mapping[str, np.ndarray], overlay: Mapping[str, np.ndarray]) -> LazyWeights:

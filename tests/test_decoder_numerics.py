@@ -39,11 +39,12 @@ def test_causal_attention_against_float64_numpy():
     np.testing.assert_allclose(np.asarray(causal_attention(*args, jnp.arange(t))), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab_axis", [0, 1])
 @pytest.mark.parametrize("vocab,chunk", [(1000, 256), (1024, 256), (300, 8192), (97, 1)])
-def test_chunked_nll_equals_full_logsumexp(vocab, chunk):
+def test_chunked_nll_equals_full_logsumexp(vocab, chunk, vocab_axis):
     """Online logsumexp over vocabulary chunks (a ragged last chunk padded and masked) = the
     cross-entropy of the full logits, computed in float64 here; targets in every chunk,
-    including the last row of the vocabulary."""
+    including the last row of the vocabulary; the matrix as a [V, d] table or a [d, V] head."""
     rng = np.random.default_rng(vocab)
     h = rng.standard_normal((64, 32)).astype(np.float32)
     w = (rng.standard_normal((vocab, 32)) * 0.5).astype(np.float32)
@@ -52,8 +53,9 @@ def test_chunked_nll_equals_full_logsumexp(vocab, chunk):
     logits = h.astype(np.float64) @ w.T.astype(np.float64)
     m = logits.max(-1)
     ref = m + np.log(np.exp(logits - m[:, None]).sum(-1)) - logits[np.arange(64), target]
-    got = jax.jit(chunked_nll, static_argnames="chunk")(jnp.asarray(h), jnp.asarray(w), jnp.asarray(target),
-                                                      chunk=chunk)
+    w_arg = w if vocab_axis == 0 else np.ascontiguousarray(w.T)
+    got = jax.jit(chunked_nll, static_argnames=("chunk", "vocab_axis"))(
+        jnp.asarray(h), jnp.asarray(w_arg), jnp.asarray(target), chunk=chunk, vocab_axis=vocab_axis)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -522,12 +522,38 @@ def _naive_streamed_gptq(config, weights, windows, spec, batch_size, quantized_i
     return w, codes
 
 
-def test_streamed_gptq_follows_the_layer_order(tmp_path):
+@pytest.mark.parametrize("large", [False, True])
+def test_streamed_gptq_follows_the_layer_order(tmp_path, monkeypatch, large):
     """gptq_weights_codes (staged, cached activations, q/k/v and gate/up in one call each) equals
     the plain re-run-the-layer streaming on a tiny random Llama: [q,k,v] -> o -> [gate,up] -> down
     with each Hessian from the already quantized earlier parts, the next layer fed the quantized
-    layer's output. Hessians from float inputs instead give clearly different codes."""
+    layer's output. Hessians from float inputs instead give clearly different codes.
+
+    ``large``: the paths of a 7B model, thresholds lowered: every group one linear at a time in column blocks
+    of 16, the down_proj Hessian (96 inputs > 80) summed in row blocks of 32 and factored in place."""
+    import resq_jax.quant.gptq as gptq_module
+    import resq_jax.quant.weights as weights_module
     from hf_fixtures import build_torch_model, tiny_llama_config
+
+    if large:
+        monkeypatch.setattr(weights_module, "GROUP_ELEMENTS_MAX", 0)
+        monkeypatch.setattr(weights_module, "GPTQ_COLUMN_BLOCK", 16)
+        monkeypatch.setattr(weights_module, "HESSIAN_ROW_BLOCK", 32)
+        monkeypatch.setattr(weights_module, "F64_CHOLESKY_MAX", 80)
+        monkeypatch.setattr(gptq_module, "F64_CHOLESKY_MAX", 80)
+    calls = {"rows": 0, "column_block": 0}
+    gram_rows, quantize = weights_module.gram_rows, gptq_module.gptq_quantize
+
+    def counted_rows(*a, **k):
+        calls["rows"] += 1
+        return gram_rows(*a, **k)
+
+    def counted_quantize(*a, **k):
+        calls["column_block"] += k.get("column_block") is not None
+        return quantize(*a, **k)
+
+    monkeypatch.setattr(weights_module, "gram_rows", counted_rows)
+    monkeypatch.setattr(gptq_module, "gptq_quantize", counted_quantize)
     from resq_jax.models.loaders import load_model
     from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
     from resq_jax.quant.weights import gptq_weights_codes
@@ -554,6 +580,9 @@ def test_streamed_gptq_follows_the_layer_order(tmp_path):
             if agree[-1] == 1.0:  # same codes: the same dequantized weights, bit for bit
                 np.testing.assert_array_equal(got.weights[key], ref_w[key])
     assert min(agree) >= 0.999  # (a rounding tie may flip between two float summation orders)
+    # the large paths ran: 7 linears per layer one at a time, 3 row blocks per batch of the down_proj Hessian
+    assert calls == ({"rows": 3 * 2 * cfg.num_layers, "column_block": 7 * cfg.num_layers} if large else
+                     {"rows": 0, "column_block": 0}), calls
     assert min(agree_float[len(LINEARS):]) < 0.95  # later layers see quantized inputs: different codes
 
 
@@ -612,3 +641,41 @@ def test_large_input_gptq_uses_the_inplace_factor(monkeypatch):
     assert abs(err_got - err_ref) <= 0.01 * err_ref
     gptq.gptq_quantize(w, h_copy, low_bits=4, high_rows=32, overwrite_h=True)
     assert not np.array_equal(h_copy, h)  # used in place
+
+
+@pytest.mark.parametrize("act_order,perm", [(False, None), (True, (4, 64, 8))])
+def test_column_blocks_equal_the_float64_reference_and_the_whole_sweep(act_order, perm):
+    """column_block sweeps the columns in blocks against one factor: the float64 NumPy reference's codes
+    (rounding ties aside, as in the parity test), the whole sweep's codes, and with clip search the same
+    scales; a ragged last block (100 = 3 x 32 + 4 columns); act_order and a row permutation per block."""
+    rng = np.random.default_rng(5)
+    d_in, d_out = 256, 100
+    x = correlated_inputs(rng, 2048, d_in)
+    h = hessian_of(x)
+    w = (rng.standard_normal((d_in, d_out)) * 0.05).astype(np.float32)
+    row_perm = None if perm is None else head_high_last_permutation(*perm)
+    kw = dict(low_bits=4, high_bits=8, high_rows=32, row_perm=row_perm, act_order=act_order)
+    blocked = gptq_quantize(w, h, column_block=32, **kw)
+    codes = blocked.int_codes()
+    ref_codes, ref_wq, ties = reference_gptq(w, h, tie_hint=codes, **kw)
+    assert ties <= 2 * TIE * d_out * (7 * 224 + 127 * 32), ties
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_allclose(np.asarray(blocked.w_q), ref_wq, rtol=1e-6, atol=1e-7)
+    back = np.asarray(dequantize_weight(blocked.codes))
+    np.testing.assert_array_equal(back if row_perm is None else back[np.argsort(row_perm)], blocked.w_q)
+    assert np.mean(codes == gptq_quantize(w, h, **kw).int_codes()) >= 0.999
+    clip_whole = gptq_quantize(w, h, clip_search=True, **kw)
+    clip_blocked = gptq_quantize(w, h, clip_search=True, column_block=32, **kw)
+    np.testing.assert_array_equal(np.asarray(clip_blocked.codes.scale_low), np.asarray(clip_whole.codes.scale_low))
+    assert np.mean(clip_blocked.int_codes() == clip_whole.int_codes()) >= 0.999
+
+
+def test_gram_rows_blocks_are_the_gram_matrix():
+    """Row blocks of x^T x (a large Hessian summed block by block) = the float64 product, ragged last block."""
+    from resq_jax.quant.gptq import gram_rows
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((300, 100)).astype(np.float32)
+    got = np.concatenate([np.asarray(gram_rows(jnp.asarray(x), r, min(32, 100 - r))) for r in range(0, 100, 32)])
+    want = x.astype(np.float64).T @ x.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

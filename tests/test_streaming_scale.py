@@ -20,7 +20,7 @@ from resq_jax.models.decoder import IDENTITY, from_weights
 from resq_jax.models.loaders import load_model
 from resq_jax.models.streaming import LayerStreamer
 from resq_jax.models.synthetic import write_random_model
-from resq_jax.models.views import assemble_vocab, vocab_slice
+from resq_jax.models.views import SpilledTable, assemble_vocab, vocab_slice
 from resq_jax.pipeline.quantize import quantize_model
 from resq_jax.pipeline.recipes import QuantConfig
 from resq_jax.quant.code_store import CodeStore
@@ -51,9 +51,10 @@ def test_store_vocab_slices_read_only_those_entries(store_model):
         vocab_slice(w, "norm", idx)
 
 
-def test_fused_vocab_tables_equal_float64_products_in_any_slices(store_model):
-    """Untie + fold + rotate as views: every slice of the tables and the assembled tables equal the float64
-    products of the test (cast to float32), bit for bit, whatever the slicing."""
+def test_fused_vocab_tables_equal_float64_products_in_any_slices(store_model, tmp_path):
+    """Untie + fold + rotate as views: every slice of the tables and the assembled tables (in memory or written
+    to a file slice by slice) equal the float64 products of the test (cast to float32), bit for bit, whatever
+    the slicing."""
     cfg, w = store_model.config, store_model.weights
     folded = FoldedWeights(cfg, w)
     u = random_orthogonal(cfg.hidden_size, 3)
@@ -66,6 +67,11 @@ def test_fused_vocab_tables_equal_float64_products_in_any_slices(store_model):
     np.testing.assert_array_equal(view["lm_head"], want_head)
     np.testing.assert_array_equal(assemble_vocab(view.vocab_slice, "embed", cfg.vocab_size, chunk=37), want_embed)
     np.testing.assert_array_equal(assemble_vocab(view.vocab_slice, "lm_head", cfg.vocab_size, chunk=100), want_head)
+    for name, want in (("embed", want_embed), ("lm_head", want_head)):
+        table = assemble_vocab(view.vocab_slice, name, cfg.vocab_size, chunk=100, path=tmp_path / f"{name}.npy")
+        assert isinstance(table, SpilledTable) and table.shape == want.shape and table.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(table), want)
+        np.testing.assert_array_equal(vocab_slice({name: table}, name, [7, 1]), vocab_slice({name: want}, name, [7, 1]))
     idx = np.array([3, 3, 400, 0])
     np.testing.assert_array_equal(view.vocab_slice("embed", idx), want_embed[idx])
 
@@ -127,6 +133,20 @@ def test_streamed_evaluation_equals_whole_model(store_model):
     pm = pack_model(spilled)
     packed = perplexity(packed_streamer(pm), windows, batch_size=2, hooks=pm.hooks, progress=False)
     np.testing.assert_allclose(packed.window_nll, _nll_whole(packed_decoder(pm), windows, pm.hooks), rtol=1e-5)
+    # spilled codes: the float16 vocabulary tables are files in the same folder, equal to the in-memory pack's
+    pm_memory = pack_model(memory)
+    for name in ("embed", "lm_head"):
+        table = pm.arrays[name]
+        assert isinstance(table, SpilledTable) and table.path.parent == spilled.codes.folder
+        assert (table.shape, table.dtype) == (pm_memory.arrays[name].shape, np.dtype(np.float16))
+        np.testing.assert_array_equal(np.asarray(table), pm_memory.arrays[name])
+        np.testing.assert_array_equal(vocab_slice(pm.arrays, name, [5, 0, 5]),
+                                      vocab_slice(pm_memory.arrays, name, [5, 0, 5]))
+    np.testing.assert_array_equal(
+        packed.window_nll,
+        perplexity(packed_streamer(pm_memory), windows, batch_size=2, hooks=pm.hooks, progress=False).window_nll)
+    spilled.codes.close()
+    assert not table.path.exists()
     float_ppl = perplexity(LayerStreamer.from_weights(cfg, w), windows, batch_size=2, progress=False)
     np.testing.assert_allclose(float_ppl.window_nll, _nll_whole(from_weights(cfg, dict(w)), windows, IDENTITY),
                                rtol=1e-5)

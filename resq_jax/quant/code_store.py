@@ -39,6 +39,11 @@ class CodeStore(MutableMapping):
         store._finalizer = weakref.finalize(store, shutil.rmtree, folder, True)
         return store
 
+    @property
+    def folder(self) -> Path | None:
+        """The spill folder (None for a store in memory): other large arrays of the same model may go there."""
+        return self._folder
+
     def close(self):
         """Remove the spill folder now (a spilled store is empty afterwards)."""
         fin = getattr(self, "_finalizer", None)

@@ -70,6 +70,13 @@ def gram(x: jax.Array) -> jax.Array:
     return jnp.matmul(x.T, x, precision=EXACT)
 
 
+@functools.partial(jax.jit, static_argnames=("start", "rows"))
+def gram_rows(x: jax.Array, start: int, rows: int) -> jax.Array:
+    """``x: [tokens, d]`` float32 -> rows [start, start + rows) of ``gram(x)``: [rows, d] (a large Hessian
+    summed block by block; the float32 sums may round differently in the last bit from the whole product)."""
+    return jnp.matmul(x[:, start:start + rows].T, x, precision=EXACT)
+
+
 def hessian_init(d_in: int) -> tuple[jax.Array, jax.Array]:
     """An empty accumulator: ``(h: [d_in, d_in] float32 zeros, count: int32 0)``."""
     return jnp.zeros((d_in, d_in), _F32), jnp.zeros((), jnp.int32)
@@ -340,7 +347,8 @@ def _block_scales(w, start, rows, bits, group_size, clip_search):
 def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0,
                   row_perm: np.ndarray | None = None, block_size: int = 128, damp: float = DEFAULT_DAMP,
                   act_order: bool = False, clip_search: bool = False, group_size: int | None = None,
-                  max_retries: int = DEFAULT_MAX_RETRIES, overwrite_h: bool = False) -> GPTQResult:
+                  max_retries: int = DEFAULT_MAX_RETRIES, overwrite_h: bool = False,
+                  column_block: int | None = None) -> GPTQResult:
     """GPTQ of ``w: [d_in, d_out]`` with Hessian ``h: [d_in, d_in]`` (see the module docstring).
 
     Steps: apply ``row_perm`` to w's rows and h's rows and columns (the last ``high_rows`` rows
@@ -359,8 +367,13 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
     the host (:func:`_inverse_cholesky_upper_inplace`; the official GPTQ code factors in float32 at every
     size), so the Hessian exists once; ``overwrite_h=True`` lets that use ``h`` itself (a writable float32
     NumPy array the caller no longer needs) instead of a copy.
+
+    ``column_block``: output columns are independent given U and their scales, so a wide ``w`` (a NumPy
+    array, left untouched) may be swept ``column_block`` columns at a time against the one U: the working
+    copies are then a block's, not the matrix's. Same algorithm; the float32 sums may round differently
+    in the last bit from one whole sweep (products of other shapes).
     """
-    w = jnp.asarray(w)
+    w = w if hasattr(w, "ndim") else np.asarray(w)
     big = np.shape(h)[0] > F64_CHOLESKY_MAX
     if big:
         reuse = (overwrite_h and isinstance(h, np.ndarray) and h.dtype == np.float32 and h.flags.c_contiguous
@@ -371,18 +384,24 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
     xp = np if big else jnp
     low_bits, high_bits, high_rows, row_perm, block_size, damp, group_size = _check_args(
         w, h, low_bits, high_bits, high_rows, row_perm, block_size, damp, group_size, max_retries)
-    d_in, d_out = w.shape
+    d_in, d_out = np.shape(w)
     n_low = d_in - high_rows
-    w = w.astype(_F32)
+    step = d_out if column_block is None else max(1, min(int(column_block), d_out))
+    # the column blocks of w (one block: w itself, as a float32 device array, exactly as before)
+    blocks = [(0, d_out)] if step >= d_out else [(c, min(c + step, d_out)) for c in range(0, d_out, step)]
+
+    def block_w(c0, c1):
+        wb = jnp.asarray(w) if len(blocks) == 1 else jnp.asarray(np.asarray(w)[:, c0:c1])
+        return wb.astype(_F32)
+
     h = h if big else h.astype(_F32)
     finite_h = (all(np.isfinite(h[r:r + 512]).all() for r in range(0, d_in, 512)) if big
                 else bool(jnp.all(jnp.isfinite(h))))
-    if not (bool(jnp.all(jnp.isfinite(w))) and finite_h):
+    if not (all(bool(jnp.all(jnp.isfinite(block_w(c0, c1)))) for c0, c1 in blocks) and finite_h):
         raise GPTQError("w or the Hessian contains NaN/inf; damping cannot fix that: check the "
                         "weights and the calibration activations that produced the Hessian")
 
     if row_perm is not None:
-        w = w[row_perm]
         h = h[row_perm][:, row_perm]
     diag = xp.diag(h)
     dead = diag == 0.0
@@ -391,28 +410,41 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
         dead = jnp.asarray(dead)
     else:
         h = h + jnp.diag(dead.astype(_F32))
-    w = jnp.where(dead[:, None], _F32(0.0), w)
-
-    s_low, g_low = _block_scales(w, 0, n_low, low_bits, group_size, clip_search)
-    s_high, g_high = _block_scales(w, n_low, high_rows, high_bits, group_size, clip_search)
-    tables = [s for s in (s_low, s_high) if s is not None]
-    n_low_groups = 0 if s_low is None else s_low.shape[0]
-    row_group = np.concatenate([g_low, g_high + n_low_groups]).astype(np.int32)
-    row_high = np.arange(d_in) >= n_low
-    scales = jnp.concatenate(tables, axis=0)
-
-    order = None
-    if act_order:
-        order = np.argsort(-np.asarray(xp.diag(h)), kind="stable")
-        w = w[order]
+    order = np.argsort(-np.asarray(xp.diag(h)), kind="stable") if act_order else None
+    if order is not None:
         h = h[order][:, order]
-        row_group = row_group[order]
-        row_high = row_high[order]
-
     n_pad = -d_in % block_size
-    w_pad = jnp.pad(w, ((0, n_pad), (0, 0)))
-    row_group = jnp.asarray(np.pad(row_group, (0, n_pad)))
-    row_high = jnp.asarray(np.pad(row_high, (0, n_pad)))
+
+    def prepared(c0, c1):
+        """Columns [c0, c1) of w in sweep order, padded, with their scales and row groups."""
+        wb = block_w(c0, c1)
+        if row_perm is not None:
+            wb = wb[row_perm]
+        wb = jnp.where(dead[:, None], _F32(0.0), wb)
+        s_low, g_low = _block_scales(wb, 0, n_low, low_bits, group_size, clip_search)
+        s_high, g_high = _block_scales(wb, n_low, high_rows, high_bits, group_size, clip_search)
+        n_low_groups = 0 if s_low is None else s_low.shape[0]
+        row_group = np.concatenate([g_low, g_high + n_low_groups]).astype(np.int32)
+        row_high = np.arange(d_in) >= n_low
+        scales = jnp.concatenate([s for s in (s_low, s_high) if s is not None], axis=0)
+        if order is not None:
+            wb, row_group, row_high = wb[order], row_group[order], row_high[order]
+        wb = jnp.pad(wb, ((0, n_pad), (0, 0)))
+        return wb, scales, jnp.asarray(np.pad(row_group, (0, n_pad))), jnp.asarray(np.pad(row_high, (0, n_pad))), \
+            s_low, s_high
+
+    def swept(u_pad):
+        """The sweep of every column block: ([(codes, w_q, s_low, s_high)] in sweep row order, all finite)."""
+        out = []
+        for c0, c1 in blocks:
+            wb, scales, row_group, row_high, s_low, s_high = prepared(c0, c1)
+            codes, w_q, ok = gptq_sweep(wb, u_pad, scales, row_group, row_high,
+                                        block_size=block_size, low_bits=low_bits, high_bits=high_bits)
+            del wb
+            if not (bool(ok) and bool(jnp.all(jnp.isfinite(w_q)))):
+                return out, False
+            out.append((codes[:d_in], w_q[:d_in], s_low, s_high))
+        return out, True
 
     retries = 0
     damp_now = damp
@@ -430,9 +462,8 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
                 u = jnp.from_dlpack(u)  # the host array itself (zero-copy on CPU), not a second 1.4 GB copy
             u_pad = u if not n_pad else jnp.pad(u, ((0, n_pad), (0, n_pad))) + jnp.diag(
                 jnp.concatenate([jnp.zeros(d_in, _F32), jnp.ones(n_pad, _F32)]))
-            codes, w_q, ok = gptq_sweep(w_pad, u_pad, scales, row_group, row_high,
-                                        block_size=block_size, low_bits=low_bits, high_bits=high_bits)
-            ok = bool(ok) and bool(jnp.all(jnp.isfinite(w_q)))
+            parts, ok = swept(u_pad)
+            del u_pad
         if ok:
             break
         if big and u is not None and retries < max_retries:  # factored in place: no Hessian left to retry with
@@ -454,8 +485,15 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
             f"positive definite; used damping {damp_now:g} * mean(diag H) after {retries} "
             "retr" + ("y" if retries == 1 else "ies"), GPTQDampingWarning, stacklevel=2)
 
-    codes = codes[:d_in]
-    w_q = w_q[:d_in]
+    if len(parts) == 1:
+        (codes, w_q, s_low, s_high), = parts
+    else:  # the blocks side by side, on the host (one block's device copies at a time above)
+        def joined(i):
+            return None if parts[0][i] is None else jnp.asarray(np.concatenate([np.asarray(p[i]) for p in parts],
+                                                                                axis=1))
+
+        codes, w_q, s_low, s_high = (joined(i) for i in range(4))
+    del parts
     if order is not None:
         inv = np.argsort(order)
         codes = codes[inv]

@@ -27,12 +27,22 @@ from resq_jax.models.decoder import IDENTITY, site_recorder
 from resq_jax.models.streaming import LayerStreamer
 from resq_jax.models.views import LazyWeights
 from resq_jax.quant.code_store import CodeStore
-from resq_jax.quant.gptq import DEFAULT_DAMP, gram
+from resq_jax.quant.gptq import DEFAULT_DAMP, F64_CHOLESKY_MAX, gram, gram_rows
 from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
 from resq_jax.util.progress import progress_bar
 
 # (site whose inputs feed the linears, the linears) in the order GPTQ visits them
 GPTQ_ORDER = (("attn_in", ("q", "k", "v")), ("o_in", ("o",)), ("mlp_in", ("gate", "up")), ("down_in", ("down",)))
+
+# A group of linears with more weights than this (a 7B model's gate/up: 3584 x 37888) is quantized one linear
+# at a time in blocks of GPTQ_COLUMN_BLOCK output columns against the group's one factor (gptq_quantize's
+# column_block), so GPTQ's working copies are a block's. Smaller groups (every group of SmolLM2 and
+# Qwen2.5-0.5B) are swept whole, side by side, as they always were.
+GROUP_ELEMENTS_MAX = 1 << 26
+GPTQ_COLUMN_BLOCK = 2048
+# A Hessian over more inputs than F64_CHOLESKY_MAX (a 7B down_proj: 18944) is summed on the host in blocks of
+# this many rows straight into its one float32 buffer, instead of one whole [d, d] Gram matrix per batch.
+HESSIAN_ROW_BLOCK = 2048
 
 
 @dataclasses.dataclass
@@ -102,40 +112,46 @@ def _layer_entries(weights: Mapping[str, np.ndarray], i: int) -> dict:
 # The four stages of one layer, each a jitted function of the layer (graphdef, state) and the
 # cached output of the previous stage, so the layer's float work over all windows is done about
 # once and a half (gate/up twice) instead of once per Hessian.
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _stage_attn_in(graphdef, state, x, rope, positions):
-    """x: [B, T, d] layer input -> Hessian sum of the q/k/v input (RMSNorm output)."""
+def _term(x, rows: bool):
+    """A site's activations x: [..., d] -> its Hessian term: the Gram matrix x^T x [d, d], or with ``rows``
+    (a Hessian summed in row blocks, see gptq_weights_codes) the activations themselves as float32 [tokens, d]."""
+    return x.reshape(-1, x.shape[-1]).astype(jnp.float32) if rows else gram(x)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows"))
+def _stage_attn_in(graphdef, state, x, rope, positions, rows=False):
+    """x: [B, T, d] layer input -> Hessian term of the q/k/v input (RMSNorm output)."""
     site, sites = site_recorder(IDENTITY, ("attn_in",))
     cos, sin = rope
     nnx.merge(graphdef, state).attention(x, cos, sin, positions, IDENTITY, site=site)  # only attn_in is kept
-    return gram(sites["attn_in"])
+    return _term(sites["attn_in"], rows)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _stage_o_in(graphdef, state, x, rope, positions):
-    """x: [B, T, d] -> (a: [B, T, H, hd] attention output with the quantized q/k/v, its Hessian sum)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows"))
+def _stage_o_in(graphdef, state, x, rope, positions, rows=False):
+    """x: [B, T, d] -> (a: [B, T, H, hd] attention output with the quantized q/k/v, its Hessian term)."""
     cos, sin = rope
     a, _ = nnx.merge(graphdef, state).attention(x, cos, sin, positions, IDENTITY)
-    return a, gram(a.reshape(*a.shape[:2], -1))  # [B, T, heads * hd]
+    return a, _term(a.reshape(*a.shape[:2], -1), rows)  # [B, T, heads * hd]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _stage_mlp_in(graphdef, state, x, a):
-    """x: [B, T, d], a: [B, T, H, hd] -> (x + o_proj(a) with the quantized o_proj, Hessian sum of
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows"))
+def _stage_mlp_in(graphdef, state, x, a, rows=False):
+    """x: [B, T, d], a: [B, T, H, hd] -> (x + o_proj(a) with the quantized o_proj, Hessian term of
     the gate/up input)."""
     layer = nnx.merge(graphdef, state)
     x1 = layer.attention_residual(x, a)
     site, sites = site_recorder(IDENTITY, ("mlp_in",))
     layer.mlp(x1, IDENTITY, site)  # only mlp_in is kept
-    return x1, gram(sites["mlp_in"])
+    return x1, _term(sites["mlp_in"], rows)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _stage_down_in(graphdef, state, x1):
-    """x1: [B, T, d] -> Hessian sum of the down_proj input (with the quantized gate/up)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows"))
+def _stage_down_in(graphdef, state, x1, rows=False):
+    """x1: [B, T, d] -> Hessian term of the down_proj input (with the quantized gate/up)."""
     site, sites = site_recorder(IDENTITY, ("down_in",))
     nnx.merge(graphdef, state).mlp(x1, IDENTITY, site)  # the down_proj product is dropped
-    return gram(sites["down_in"])
+    return _term(sites["down_in"], rows)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -164,9 +180,11 @@ def _split_codes(c: WeightCodes, cuts: np.ndarray) -> list[WeightCodes]:
 
 def _gptq_group(out: MutableMapping, codes: MutableMapping, config: ModelConfig, i: int, names, h: np.ndarray,
                 spec: WeightSpec, act_order: bool, damp: float) -> None:
-    """GPTQ the linears ``names`` of layer i, which share the input whose Hessian is h, in one
-    call on their side-by-side weights (columns are independent given H and the scales: one
-    Cholesky and one sweep), writing the dequantized weights into ``out`` and codes into ``codes``."""
+    """GPTQ the linears ``names`` of layer i, which share the input whose Hessian is h, writing the
+    dequantized weights into ``out`` and codes into ``codes``. Columns are independent given H and the
+    scales, so a group is one call on its side-by-side weights (one Cholesky and one sweep) or, above
+    GROUP_ELEMENTS_MAX weights, one call per linear in blocks of GPTQ_COLUMN_BLOCK columns (no side-by-side
+    copy; the one Hessian is copied only when it would be factored in place and another linear follows)."""
     from resq_jax.quant.gptq import gptq_quantize
 
     perm, high = linear_high_rows(config, names[0], spec)
@@ -175,12 +193,24 @@ def _gptq_group(out: MutableMapping, codes: MutableMapping, config: ModelConfig,
         if h2 != high or (perm is None) != (p2 is None) or (perm is not None and not np.array_equal(perm, p2)):
             raise AssertionError(f"linears {names} share an input but not its precision layout")
     keys = [f"layers.{i}.{name}" for name in names]
+    kw = dict(low_bits=spec.w_bits, high_bits=spec.high_bits, high_rows=high, row_perm=perm, act_order=act_order,
+              damp=damp, clip_search=spec.clip_search)
+    d_in = h.shape[0]
+    if d_in * sum(out[k].shape[1] for k in keys) > GROUP_ELEMENTS_MAX:
+        for n, k in enumerate(keys):
+            last = n == len(keys) - 1
+            h_k = h if last or d_in <= F64_CHOLESKY_MAX else h.copy()
+            res = gptq_quantize(np.asarray(out[k], np.float32), h_k, overwrite_h=True,
+                                column_block=GPTQ_COLUMN_BLOCK, **kw)
+            out[k] = np.asarray(res.w_q, np.float32)
+            codes[k] = res.codes
+            del res, h_k
+        return
     ws = [np.asarray(out[k], np.float32) for k in keys]
     cuts = np.cumsum([w.shape[1] for w in ws])[:-1]
     w = np.concatenate(ws, axis=1)
     del ws
-    res = gptq_quantize(w, h, low_bits=spec.w_bits, high_bits=spec.high_bits, high_rows=high, row_perm=perm,
-                        act_order=act_order, damp=damp, clip_search=spec.clip_search, overwrite_h=True)
+    res = gptq_quantize(w, h, overwrite_h=True, **kw)
     del w
     w_q = np.asarray(res.w_q, np.float32)
     for k, w_part, c in zip(keys, np.split(w_q, cuts, axis=1), _split_codes(res.codes, cuts)):
@@ -218,18 +248,30 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
     bar = progress_bar(config.num_layers, "gptq", unit="layer") if progress else None
     per_layer = []
 
-    def hessian(grams):
-        """(2/n) * the sum of the batches' Gram matrices, added in batch order as they come (one partial sum
-        and one batch's Gram in memory), as a writable float32 NumPy array that GPTQ may overwrite."""
+    def hessian(terms, rows: bool):
+        """(2/n) * the sum of the batches' Gram matrices, added in batch order as they come, as a writable
+        float32 NumPy array that GPTQ may overwrite. ``terms`` are Gram matrices (one partial sum and one
+        batch's Gram in memory) or, with ``rows``, the batches' activations [tokens, d], whose Gram matrices
+        are added HESSIAN_ROW_BLOCK rows at a time (the partial sum, one batch and one block in memory)."""
         h = None
-        for g in grams:
-            if h is None:
-                h = np.array(g, dtype=np.float32)
+        for t in terms:
+            if rows:
+                d = t.shape[-1]
+                h = np.zeros((d, d), np.float32) if h is None else h
+                for r in range(0, d, HESSIAN_ROW_BLOCK):
+                    h[r:r + HESSIAN_ROW_BLOCK] += np.asarray(gram_rows(t, r, min(HESSIAN_ROW_BLOCK, d - r)))
+            elif h is None:
+                h = np.array(t, dtype=np.float32)
             else:
-                h += np.asarray(g)
-            del g
+                h += np.asarray(t)
+            del t
         h *= scale
         return h
+
+    def blocked(site):  # the site's Hessian summed in row blocks (its inputs are too many for whole Gram copies)
+        d = {"attn_in": config.hidden_size, "o_in": config.num_heads * config.head_dim,
+             "mlp_in": config.hidden_size, "down_in": config.intermediate_size}[site]
+        return d > F64_CHOLESKY_MAX
 
     def split():
         return nnx.split(_layer(config, out, i))
@@ -239,21 +281,31 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
         for name in names:  # their float weights are no longer needed
             out.maps[1].pop(f"layers.{i}.{name}", None)
 
+    rows = {site: blocked(site) for site, _ in GPTQ_ORDER}
     for i in range(config.num_layers):
         t0 = time.perf_counter()
         quantized.clear()
         out.maps[1] = _layer_entries(weights, i)
         g, s = split()
-        group(("q", "k", "v"), hessian(_stage_attn_in(g, s, x, rope, positions) for x in xs))
+        h = hessian((_stage_attn_in(g, s, x, rope, positions, rows["attn_in"]) for x in xs), rows["attn_in"])
+        del g, s  # the layer's device copy is rebuilt with the quantized linears after each group
+        group(("q", "k", "v"), h)
         g, s = split()
         attn: list = []
-        group(("o",), hessian(_kept(attn, (_stage_o_in(g, s, x, rope, positions) for x in xs))))
+        h = hessian(_kept(attn, (_stage_o_in(g, s, x, rope, positions, rows["o_in"]) for x in xs)), rows["o_in"])
+        del g, s
+        group(("o",), h)
         g, s = split()
         x1s: list = []
-        group(("gate", "up"), hessian(_kept(x1s, (_stage_mlp_in(g, s, x, a) for x, a in zip(xs, attn)))))
-        del attn
+        h = hessian(_kept(x1s, (_stage_mlp_in(g, s, x, a, rows["mlp_in"]) for x, a in zip(xs, attn))),
+                    rows["mlp_in"])
+        del attn, g, s
+        group(("gate", "up"), h)
         g, s = split()
-        group(("down",), hessian(_stage_down_in(g, s, x1) for x1 in x1s))
+        h = hessian((_stage_down_in(g, s, x1, rows["down_in"]) for x1 in x1s), rows["down_in"])
+        del g, s
+        group(("down",), h)
+        del h
         g, s = split()
         xs = [_stage_out(g, s, x1) for x1 in x1s]
         del x1s, g, s

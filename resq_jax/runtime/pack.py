@@ -321,17 +321,22 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
     What stays in float; np.float32 keeps the fake path's values exactly), made slice by slice.
 
     The layers are packed when they are read (``PackedArrays``): one layer's codes and packed arrays are
-    in memory at a time, so packing, evaluating and saving a model the host cannot hold whole works."""
+    in memory at a time, so packing, evaluating and saving a model the host cannot hold whole works. When
+    ``qm.codes`` spills to a folder (``CodeStore.spilled``), the 16-bit embed / lm_head are written there too
+    and read slice by slice (``models.views.SpilledTable``)."""
     spec = _check_packable(qm)
     config, w = qm.config, qm.weights
     layouts = _layouts(config, spec, qm.codes)
     shared: dict[str, np.ndarray] = {"norm": np.asarray(w["norm"], np.float32)}
     emb = qm.codes.get("embed")
+    # codes spilled to a folder (CodeStore.spilled): the 16-bit vocabulary tables go there too (SpilledTable)
+    folder = getattr(qm.codes, "folder", None)
     if emb is None:
         for name in ("embed", "lm_head"):
             if name in w:
                 shared[name] = assemble_vocab(lambda n, sl: vocab_slice(w, n, sl), name, config.vocab_size,
-                                              dtype=embed_dtype)
+                                              dtype=embed_dtype,
+                                              path=None if folder is None else folder / f"{name}.table.npy")
         embedding = {"bits": 16}
     else:
         shared.update(embedding_arrays(emb))
