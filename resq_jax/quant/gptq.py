@@ -488,11 +488,9 @@ def gptq_quantize(w, h, *, low_bits: int, high_bits: int = 8, high_rows: int = 0
     if len(parts) == 1:
         (codes, w_q, s_low, s_high), = parts
     else:  # the blocks side by side, on the host (one block's device copies at a time above)
-        def joined(i):
-            return None if parts[0][i] is None else jnp.asarray(np.concatenate([np.asarray(p[i]) for p in parts],
-                                                                                axis=1))
-
-        codes, w_q, s_low, s_high = (joined(i) for i in range(4))
+        codes, w_q, s_low, s_high = (
+            None if parts[0][i] is None else jnp.asarray(np.concatenate([np.asarray(p[i]) for p in parts], axis=1))
+            for i in range(4))
     del parts
     if order is not None:
         inv = np.argsort(order)
