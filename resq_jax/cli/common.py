@@ -80,7 +80,11 @@ def eval_sets(tokenizer, texts: Sequence[str] | None, windows: int, seq_len: int
 
 
 def guarded(run, args) -> int:
-    """``run(args)``, a UserError ending the program with its one line (``fail``)."""
+    """``run(args)``, a UserError ending the program with its one line (``fail``); large freed buffers are
+    returned to the OS as they are freed (``util.memory.release_large_blocks``)."""
+    from resq_jax.util.memory import release_large_blocks
+
+    release_large_blocks()
     try:
         return run(args)
     except UserError as e:
