@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top; a package may import itself and any package before it, never one after it.
-LAYERS = ("util", "transforms", "formats", "kernels", "models", "data", "calibration", "rotation", "quant",
+LAYERS = ("util", "distributed", "transforms", "formats", "kernels", "models", "data", "calibration", "rotation", "quant",
           "runtime", "eval", "pipeline", "cli")
 
 # Names that are meant to exist once per program, not shared helpers.

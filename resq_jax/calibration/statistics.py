@@ -15,9 +15,11 @@ nothing else; a 7B model's per-layer [L, d, d] would be 2.9 GB each) unless ``pe
 and, for L2QER, per-channel activation magnitudes at every linear's input (attn_in, o_in,
 mlp_in, down_in): the max over windows of the window's mean |x|.
 
-Batches are sharded over all local devices with ``jax.shard_map`` and reduced with ``psum``.
-Every device runs the same per-device batch shape whatever the device count, so the float32
-forward is bit-identical and results differ only by float64 summation order.
+Batches are sharded over every device of every process (``distributed.mesh.data_mesh``; each process
+builds only its devices' windows) with ``jax.shard_map``. Every device runs the same per-device batch shape
+whatever the device count, so the float32 forward is bit-identical; each device's float64 statistics are
+gathered to every process and added on the host in window order, so every process ends with the statistics
+of a one-device run, bit for bit (a ``psum`` would add them in an order that depends on the device count).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from resq_jax.distributed.mesh import data_mesh, gather, sharded_rows
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
 from resq_jax.models.streaming import LayerStreamer
 from resq_jax.util.precision import EXACT
@@ -88,30 +91,23 @@ def _window_stats(sites: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def _sharded_step(graphdef, hooks: SiteHooks, mesh):
-    """jit(shard_map(layer forward + statistics)), batch axis sharded over ``mesh``'s 'data' axis."""
+    """jit(shard_map(layer forward + statistics)), batch axis split over ``mesh``'s 'data' axis; each device's
+    statistics come back on a leading device axis (added on the host in window order, see ``calibrate``)."""
 
     def step(state, x, rope, positions):
         cos, sin = rope
         y, sites, _ = nnx.merge(graphdef, state)(x, cos, sin, positions, hooks, capture=CAPTURED)
-        stats = _window_stats(sites)
-        summed = {k: jax.lax.psum(v, "data") for k, v in stats.items() if not k.startswith("abs.")}
-        maxed = {k: jax.lax.pmax(v, "data") for k, v in stats.items() if k.startswith("abs.")}
-        return y, {**summed, **maxed}
+        return y, {k: v[None] for k, v in _window_stats(sites).items()}
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P(), P()),
-                            out_specs=(P("data"), P()), check_vma=False)
+                            out_specs=(P("data"), P("data")), check_vma=False)
     return jax.jit(sharded)
-
-
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-    devices = list(jax.local_devices() if devices is None else devices)
-    return jax.sharding.Mesh(np.asarray(devices), ("data",))
 
 
 def check_window_count(n_windows: int, per_device_batch: int = 1, n_devices: int | None = None) -> None:
     """Raise ValueError unless ``n_windows`` splits evenly over the devices (callers check this before
-    loading a model). ``n_devices`` defaults to the local device count."""
-    n_dev = jax.local_device_count() if n_devices is None else n_devices
+    loading a model). ``n_devices`` defaults to the job's device count (every process's)."""
+    n_dev = jax.device_count() if n_devices is None else n_devices
     step = per_device_batch * n_dev
     if n_windows % step:
         raise ValueError(
@@ -141,12 +137,15 @@ def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_devi
     n_layers = cfg.num_layers
     t = windows.shape[1]
     positions, rope = streamer.rope(t)
-    data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
     steps = windows.shape[0] // step_windows
 
+    def embedded(s):  # step s's windows, embedded on the devices of this process only
+        def rows(a, b):
+            return streamer.embed(jnp.asarray(windows[s * step_windows + a:s * step_windows + b]))
+        return sharded_rows(mesh, (step_windows, t, cfg.hidden_size), rows)
+
     with jax.enable_x64(True):
-        xs = [jax.device_put(streamer.embed(jnp.asarray(windows[s * step_windows:(s + 1) * step_windows])),
-                             data_sharding) for s in range(steps)]
+        xs = [embedded(s) for s in range(steps)]
         out: dict[str, np.ndarray] = {}  # key -> [L, ...] float64, filled layer by layer
         sums: dict[str, np.ndarray] = {}  # attn, mlp: [d, d] summed over layers
         bar = progress_bar(n_layers * steps, "calibrate") if progress else None
@@ -156,12 +155,12 @@ def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_devi
             acc = None
             for s in range(steps):
                 xs[s], st = fn(state, xs[s], rope, positions)
-                acc = st if acc is None else _merge(acc, st)
+                for dev in _per_device(st):  # in window order: the same additions on any number of devices
+                    acc = dev if acc is None else _merge(acc, dev)
                 if bar is not None:
                     bar.update(1)
             del graphdef, state
             for k, v in acc.items():
-                v = np.asarray(v)
                 if k in ("attn", "mlp"):  # summed in layer order, as np.sum(axis=0) of the stacked layers
                     if i == 0:
                         sums[k] = v.copy()
@@ -181,5 +180,12 @@ def calibrate(model: "Decoder | LayerStreamer", windows: np.ndarray, *, per_devi
     )
 
 
+def _per_device(stats: dict) -> list[dict]:
+    """One step's statistics, [n_dev, ...] per key (from every process), -> each device's, in device order."""
+    host = {k: gather(v) for k, v in stats.items()}
+    return [{k: v[i] for k, v in host.items()} for i in range(len(next(iter(host.values()))))]
+
+
 def _merge(a, b):
-    return {k: (jnp.maximum(a[k], b[k]) if k.startswith("abs.") else a[k] + b[k]) for k in a}
+    """float64 sums (maxima for the magnitudes) of two windows' statistics, on the host."""
+    return {k: (np.maximum(a[k], b[k]) if k.startswith("abs.") else a[k] + b[k]) for k in a}

@@ -44,6 +44,37 @@ def add_eval_args(p: argparse.ArgumentParser, default_windows: int = 40):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_job_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("multi-process jobs (docs/architecture.md, Distributed jobs)")
+    g.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0 of a multi-process job (every process passes the same one); "
+                        "not needed under SLURM or Open MPI, which jax.distributed detects")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes in the job")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0..M-1 (0 writes the outputs)")
+    g.add_argument("--job-timeout", type=int, default=60,
+                   help="seconds to wait for the other processes at start, and after which a silent process is "
+                        "declared dead (default %(default)s)")
+
+
+def job_spec(args):
+    from resq_jax.distributed.job import JobSpec
+
+    return JobSpec(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                   timeout_s=args.job_timeout)
+
+
+def start(args) -> bool:
+    """Check the job flags and join the job before any other JAX call; returns whether this process writes
+    the outputs (process 0, or the only process). A bad flag or an unreachable job is a UserError."""
+    from resq_jax.distributed.job import JobError, is_main, start_job
+
+    try:
+        start_job(job_spec(args))
+    except JobError as e:
+        raise UserError(str(e)) from None
+    return is_main()
+
+
 def check_positive(args, *names):
     for name in names:
         v = getattr(args, name)

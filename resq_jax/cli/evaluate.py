@@ -15,11 +15,13 @@ from resq_jax.cli.common import (
     DEFAULT_MODEL,
     UserError,
     add_eval_args,
+    add_job_args,
     add_model_args,
     check_positive,
     eval_sets,
     guarded,
     load,
+    start,
 )
 from resq_jax.cli.table import format_table
 from resq_jax.util.files import write_json_atomic
@@ -36,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None, help="greedily continue this prompt and print the text")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate for --prompt")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. only generate)")
+    add_job_args(p)
     p.set_defaults(model=None)  # None: the default model, or the checkpoint's own
     return p.parse_args(argv)
 
@@ -46,6 +49,9 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     check_positive(args, "eval_windows", "eval_seq_len", "batch_size", "max_new_tokens")
+    main_process = start(args)  # join a multi-process job (a no-op for one process) before any JAX call
+    if not main_process:  # process 0 alone reports and writes --json
+        args.quiet, args.json = True, None
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     from resq_jax.models.decoder import IDENTITY, from_weights
     from resq_jax.models.streaming import LayerStreamer
@@ -91,7 +97,8 @@ def run(args) -> int:
         cache = None if new_cache is None else new_cache(len(ids) + args.max_new_tokens)
         new = generate_greedy(from_weights(config, dict(weights)), ids, args.max_new_tokens, hooks=hooks,
                               eos_token_id=config.eos_token_id, cache=cache)
-        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+        if main_process:
+            print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
 
     if evals:
         from resq_jax.eval.perplexity import perplexity
@@ -106,8 +113,9 @@ def run(args) -> int:
                 f"({res.tokens_per_second:.0f} tok/s)")
         run = {"method": method, "config": qconfig, "ppl": ppl, "eval_path": eval_path,
                "seconds": {"calibrate": 0.0, "quantize": 0.0, "evaluate": secs}}
-        print(format_table(source, [run]) if method != "none" else
-              "\n".join([f"model: {source}"] + [f"ppl {k}: {v:.4f}" for k, v in ppl.items()]))
+        if main_process:
+            print(format_table(source, [run]) if method != "none" else
+                  "\n".join([f"model: {source}"] + [f"ppl {k}: {v:.4f}" for k, v in ppl.items()]))
         if args.json:
             write_json_atomic(args.json, {"model": source, "runs": [run],
                                               "eval": {"windows": args.eval_windows, "seq_len": args.eval_seq_len}})

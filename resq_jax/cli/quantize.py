@@ -11,7 +11,17 @@ import os
 import sys
 import time
 
-from resq_jax.cli.common import UserError, add_eval_args, add_model_args, check_positive, eval_sets, guarded, load
+from resq_jax.cli.common import (
+    UserError,
+    add_eval_args,
+    add_job_args,
+    add_model_args,
+    check_positive,
+    eval_sets,
+    guarded,
+    load,
+    start,
+)
 from resq_jax.cli.table import format_table
 from resq_jax.util.files import write_json_atomic
 
@@ -84,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="save the last method's quantized model, packed (int4/int8 codes, scales, projections, "
                         "config, tokenizer), to this folder; scripts/evaluate.py --checkpoint runs it")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
+    add_job_args(p)
     return p.parse_args(argv)
 
 
@@ -125,13 +136,25 @@ def run(args) -> int:
         configs = quant_configs(args, method_list(args))
     except QuantConfigError as e:
         raise UserError(str(e)) from None
-    if any(qc.recipe.needs_calibration for qc in configs):
+    main_process = start(args)  # join a multi-process job (a no-op for one process) before any JAX call
+    args.quiet = args.quiet or not main_process  # process 0 alone reports
+    from resq_jax.pipeline.recipes import uses_gptq
+
+    if any(qc.recipe.needs_calibration or uses_gptq(qc) for qc in configs):
+        import jax
+
         from resq_jax.calibration.statistics import check_window_count
+        from resq_jax.quant.weights import GPTQ_BATCH, check_gptq_windows
 
         try:
-            check_window_count(args.calib_windows)
+            if any(qc.recipe.needs_calibration for qc in configs):
+                check_window_count(args.calib_windows)
+            if any(uses_gptq(qc) for qc in configs):
+                check_gptq_windows(args.calib_windows, GPTQ_BATCH, jax.device_count())
         except ValueError as e:
             raise UserError(f"--calib-windows: {e}") from None
+    if not main_process:
+        args.out = args.json = None  # process 0 writes them
     if args.out and os.path.exists(args.out) and not args.force:
         raise UserError(f"--out {args.out} already exists; pass --force to overwrite it or choose another folder")
     if args.out:
@@ -144,7 +167,6 @@ def run(args) -> int:
         except (CheckpointError, PackError) as e:
             raise UserError(f"--out {args.out}: {e}") from None
     from resq_jax.pipeline.quantize import check_embed_quantization, check_hadamard_sizes, check_rank
-    from resq_jax.pipeline.recipes import uses_gptq
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -213,7 +235,8 @@ def run(args) -> int:
                                  "quantize": sum(v for k, v in qm.seconds.items() if k != "calibrate"),
                                  "evaluate": secs}})
         last = (qm, packed)
-    print(format_table(loaded.source, runs))
+    if main_process:
+        print(format_table(loaded.source, runs))
     if args.json:
         write_json_atomic(args.json, {"model": loaded.source, "runs": runs,
                                           "calib": {"text": args.calib_text, "windows": args.calib_windows,
@@ -229,6 +252,9 @@ def run(args) -> int:
         log(f"saved {qm.qconfig.method} (packed) to {args.out}")
     if last is not None:
         last[0].codes.close()
+    from resq_jax.distributed.job import barrier
+
+    barrier("quantize: outputs written")  # the other processes exit once process 0 has written --out
     return 0
 
 

@@ -10,9 +10,11 @@ import dataclasses
 import math
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resq_jax.distributed.mesh import gather_host
 from resq_jax.models.decoder import IDENTITY, Decoder, SiteHooks
 from resq_jax.models.streaming import LayerStreamer, head_nll, layer_apply
 from resq_jax.util.progress import progress_bar
@@ -51,11 +53,16 @@ def perplexity(model: Decoder | LayerStreamer, windows: np.ndarray, *, batch_siz
         if real < batch_size:
             batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
         batches.append((jnp.asarray(batch, dtype=jnp.int32), real))
+    n_batches = len(batches)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    share = -(-n_batches // n_proc)  # batches per process; the last processes may get padding batches
+    mine = batches[pid * share:(pid + 1) * share]
+    mine += [(batches[0][0], 0)] * (share - len(mine))
     label = progress if isinstance(progress, str) else "perplexity"
     n_layers = len(runner.layers)
     bar = progress_bar(n_layers + 2, label, unit="layer") if progress else None
     start = time.perf_counter()
-    xs = [np.asarray(runner.embed(b)) for b, _ in batches]
+    xs = [np.asarray(runner.embed(b)) for b, _ in mine]
     positions, rope = runner.rope(seq_len)
     if bar is not None:
         bar.update(1)
@@ -66,7 +73,9 @@ def perplexity(model: Decoder | LayerStreamer, windows: np.ndarray, *, batch_siz
         if bar is not None:
             bar.update(1)
     g, s = runner.head_parts
-    losses = [np.asarray(head_nll(g, s, jnp.asarray(x), b))[:real] for x, (b, real) in zip(xs, batches)]
+    local = np.stack([np.asarray(head_nll(g, s, jnp.asarray(x), b)) for x, (b, _) in zip(xs, mine)])
+    losses = gather_host(local)  # [n_proc * share, batch_size]: every process's batches in window order
+    losses = [row[:real] for row, (_, real) in zip(losses, batches)]
     if bar is not None:
         bar.update(1)
         bar.close()

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from resq_jax.distributed.mesh import data_mesh, gather, sharded_rows
 from resq_jax.formats.bits import OFF
 from resq_jax.formats.integer import WeightCodes, dequantize_weight, quantize_weight_sym
 from resq_jax.models.config import ModelConfig
@@ -43,6 +45,8 @@ GPTQ_COLUMN_BLOCK = 2048
 # A Hessian over more inputs than F64_CHOLESKY_MAX (a 7B down_proj: 18944) is summed on the host in blocks of
 # this many rows straight into its one float32 buffer, instead of one whole [d, d] Gram matrix per batch.
 HESSIAN_ROW_BLOCK = 2048
+# windows per GPTQ batch (per device over a data mesh)
+GPTQ_BATCH = 4
 
 
 @dataclasses.dataclass
@@ -109,17 +113,18 @@ def _layer_entries(weights: Mapping[str, np.ndarray], i: int) -> dict:
     return {k: weights[k] for k in weights if k.startswith(prefix)}
 
 
-# The four stages of one layer, each a jitted function of the layer (graphdef, state) and the
-# cached output of the previous stage, so the layer's float work over all windows is done about
-# once and a half (gate/up twice) instead of once per Hessian.
+# The four stages of one layer, each a function of the layer (graphdef, state) and the cached output of the
+# previous stage, so the layer's float work over all windows is done about once and a half (gate/up twice)
+# instead of once per Hessian. On one device each is jitted as is (``_STAGES``); on a data mesh each device runs
+# the same function on its own windows and returns its own Hessian term (``_sharded_stage``), so a device's
+# term is bit-identical to the one-device term of the same windows.
 def _term(x, rows: bool):
     """A site's activations x: [..., d] -> its Hessian term: the Gram matrix x^T x [d, d], or with ``rows``
     (a Hessian summed in row blocks, see gptq_weights_codes) the activations themselves as float32 [tokens, d]."""
     return x.reshape(-1, x.shape[-1]).astype(jnp.float32) if rows else gram(x)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rows"))
-def _stage_attn_in(graphdef, state, x, rope, positions, rows=False):
+def _attn_in(graphdef, state, x, rope, positions, rows=False):
     """x: [B, T, d] layer input -> Hessian term of the q/k/v input (RMSNorm output)."""
     site, sites = site_recorder(IDENTITY, ("attn_in",))
     cos, sin = rope
@@ -127,16 +132,14 @@ def _stage_attn_in(graphdef, state, x, rope, positions, rows=False):
     return _term(sites["attn_in"], rows)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rows"))
-def _stage_o_in(graphdef, state, x, rope, positions, rows=False):
+def _o_in(graphdef, state, x, rope, positions, rows=False):
     """x: [B, T, d] -> (a: [B, T, H, hd] attention output with the quantized q/k/v, its Hessian term)."""
     cos, sin = rope
     a, _ = nnx.merge(graphdef, state).attention(x, cos, sin, positions, IDENTITY)
     return a, _term(a.reshape(*a.shape[:2], -1), rows)  # [B, T, heads * hd]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rows"))
-def _stage_mlp_in(graphdef, state, x, a, rows=False):
+def _mlp_in(graphdef, state, x, a, rows=False):
     """x: [B, T, d], a: [B, T, H, hd] -> (x + o_proj(a) with the quantized o_proj, Hessian term of
     the gate/up input)."""
     layer = nnx.merge(graphdef, state)
@@ -146,18 +149,54 @@ def _stage_mlp_in(graphdef, state, x, a, rows=False):
     return x1, _term(sites["mlp_in"], rows)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rows"))
-def _stage_down_in(graphdef, state, x1, rows=False):
+def _down_in(graphdef, state, x1, rows=False):
     """x1: [B, T, d] -> Hessian term of the down_proj input (with the quantized gate/up)."""
     site, sites = site_recorder(IDENTITY, ("down_in",))
     nnx.merge(graphdef, state).mlp(x1, IDENTITY, site)  # the down_proj product is dropped
     return _term(sites["down_in"], rows)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _stage_out(graphdef, state, x1):
+def _out(graphdef, state, x1):
     """x1: [B, T, d] -> the layer's output x1 + mlp(x1) with every linear quantized."""
     return x1 + nnx.merge(graphdef, state).mlp(x1, IDENTITY)
+
+
+# stage -> (number of activation arguments after the state, number of activation outputs before the term)
+_STAGE_ARITY = {_attn_in: (1, 0), _o_in: (1, 1), _mlp_in: (2, 1), _down_in: (1, 0), _out: (1, 1)}
+_STAGES = {f: jax.jit(f, static_argnames=("graphdef", "rows") if f is not _out else ("graphdef",))
+           for f in _STAGE_ARITY}
+_stage_attn_in, _stage_o_in, _stage_mlp_in, _stage_down_in, _stage_out = (_STAGES[f] for f in _STAGE_ARITY)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_stage(stage, graphdef, rows: bool, mesh):
+    """``stage`` over a data mesh: the activation arguments and outputs split on their batch axis, the layer
+    state, RoPE tables and positions replicated; the Hessian term (a Gram [d, d] or, with ``rows``, activations
+    [tokens, d]) comes back per device, stacked on a leading device axis (Grams) or split on tokens."""
+    n_act, n_out = _STAGE_ARITY[stage]
+    has_rope = stage in (_attn_in, _o_in)
+    has_term = stage is not _out
+
+    def per_device(state, *args):
+        kw = {"rows": rows} if has_term else {}
+        res = stage(graphdef, state, *args, **kw)
+        if not has_term:
+            return res
+        if not rows:  # a Gram matrix per device, stacked on a leading device axis
+            res = (*res[:-1], res[-1][None]) if n_out else res[None]
+        return res
+
+    data, rep = P("data"), P()
+    in_specs = (rep, *([data] * n_act), *((rep, rep) if has_rope else ()))
+    out_specs = data if not has_term else ((data,) * (n_out + 1) if n_out else data)
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False))
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_gram_rows(mesh, start: int, rows: int):
+    """Per device, rows [start, start + rows) of the Gram matrix of its activations [tokens, d]: [n_dev * rows, d]."""
+    return jax.jit(jax.shard_map(lambda t: gram_rows(t, start, rows), mesh=mesh, in_specs=P("data"),
+                                 out_specs=P("data"), check_vma=False))
 
 
 def _kept(outputs: list, pairs):
@@ -165,6 +204,15 @@ def _kept(outputs: list, pairs):
     for out, gram_sum in pairs:
         outputs.append(out)
         yield gram_sum
+
+
+def check_gptq_windows(n_windows: int, batch_size: int, n_devices: int) -> None:
+    """Over several devices every device takes ``batch_size`` windows per step, so the window count must be a
+    multiple of batch_size * n_devices (ValueError naming the fix; callers check before loading a model)."""
+    if n_devices > 1 and n_windows % (batch_size * n_devices):
+        step = batch_size * n_devices
+        raise ValueError(f"GPTQ over {n_devices} devices takes {batch_size} windows per device per step: use a "
+                         f"multiple of {step} calibration windows (e.g. {max(step, n_windows // step * step)})")
 
 
 def _split_codes(c: WeightCodes, cuts: np.ndarray) -> list[WeightCodes]:
@@ -219,8 +267,8 @@ def _gptq_group(out: MutableMapping, codes: MutableMapping, config: ModelConfig,
 
 
 def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], windows: np.ndarray,
-                       spec: WeightSpec, *, batch_size: int = 4, act_order: bool = False, damp: float = DEFAULT_DAMP,
-                       progress: bool = True, timings: dict | None = None,
+                       spec: WeightSpec, *, batch_size: int = GPTQ_BATCH, act_order: bool = False,
+                       damp: float = DEFAULT_DAMP, progress: bool = True, timings: dict | None = None,
                        codes: MutableMapping | None = None) -> QuantizedWeights:
     """GPTQ every decoder linear of the (already transformed) model on windows: [N, T]; the codes
     are GPTQResult.codes (act_order permutes rows inside GPTQ only: its codes come back in
@@ -233,7 +281,12 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
 
     Memory: the current layer's float entries (read once from ``weights``, which may be a view) and its
     quantized linears; the codes go to ``codes`` (default a CodeStore in memory) as each group is done, and
-    the result's weights are a view dequantizing them, so neither model is ever whole in memory."""
+    the result's weights are a view dequantizing them, so neither model is ever whole in memory.
+
+    Devices: over a data mesh of several devices (every device of every process, ``distributed.mesh``) each
+    device runs ``batch_size`` windows per step and the Hessians add the devices' Gram matrices in window
+    order, exactly as one device adds its batches; every process then runs the same GPTQ on the same Hessian,
+    so all processes hold identical codes, equal to the one-device run's."""
     codes = CodeStore() if codes is None else codes
     if spec.w_bits >= OFF:
         return QuantizedWeights(weights, codes)
@@ -241,30 +294,73 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
     quantized: dict[str, np.ndarray] = {}
     out = collections.ChainMap(quantized, {}, weights)
     windows = np.asarray(windows, np.int32)
+    mesh = data_mesh()
+    n_dev = mesh.devices.size
+    check_gptq_windows(len(windows), batch_size, n_dev)
     streamer = LayerStreamer.from_weights(config, weights)  # embeddings only: layers are built below
     positions, rope = streamer.rope(windows.shape[1])
-    xs = [streamer.embed(jnp.asarray(windows[s:s + batch_size])) for s in range(0, len(windows), batch_size)]
+
+    def embed(a, b):
+        return streamer.embed(jnp.asarray(windows[a:b]))
+
+    if n_dev == 1:  # batches of batch_size windows (the last may be shorter)
+        xs = [embed(s, s + batch_size) for s in range(0, len(windows), batch_size)]
+    else:  # steps of batch_size windows per device, each device's block built by its own process
+        step = batch_size * n_dev
+        xs = [sharded_rows(mesh, (step, windows.shape[1], config.hidden_size),
+                           lambda a, b, s=s: embed(s + a, s + b)) for s in range(0, len(windows), step)]
     scale = 2.0 / windows.size
     bar = progress_bar(config.num_layers, "gptq", unit="layer") if progress else None
     per_layer = []
 
-    def hessian(terms, rows: bool):
-        """(2/n) * the sum of the batches' Gram matrices, added in batch order as they come, as a writable
-        float32 NumPy array that GPTQ may overwrite. ``terms`` are Gram matrices (one partial sum and one
-        batch's Gram in memory) or, with ``rows``, the batches' activations [tokens, d], whose Gram matrices
-        are added HESSIAN_ROW_BLOCK rows at a time (the partial sum, one batch and one block in memory)."""
-        h = None
-        for t in terms:
-            if rows:
-                d = t.shape[-1]
-                h = np.zeros((d, d), np.float32) if h is None else h
-                for r in range(0, d, HESSIAN_ROW_BLOCK):
-                    h[r:r + HESSIAN_ROW_BLOCK] += np.asarray(gram_rows(t, r, min(HESSIAN_ROW_BLOCK, d - r)))
-            elif h is None:
-                h = np.array(t, dtype=np.float32)
+    def stage(fn, g, s, *args, rows=None):
+        """One stage on one batch: jitted as is on one device, per device over the mesh otherwise."""
+        if n_dev == 1:
+            return _STAGES[fn](g, s, *args, **({} if rows is None else {"rows": rows}))
+        return _sharded_stage(fn, g, bool(rows), mesh)(s, *args)
+
+    def device_terms(t, rows: bool):
+        """A batch's Hessian term -> the terms of its batches of batch_size windows in window order, on the
+        host: one device's term as is; over a mesh, every device's (gathered from every process)."""
+        if n_dev == 1:
+            yield t
+        elif not rows:
+            yield from gather(t)  # [n_dev, d, d]: device k holds the step's k-th batch
+        else:
+            yield t  # activations split over the devices: summed per device block in ``add_rows``
+
+    def add_rows(h, t):
+        """h[block] += rows of each batch's Gram matrix, HESSIAN_ROW_BLOCK rows at a time, batches in order."""
+        d = t.shape[-1]
+        for r in range(0, d, HESSIAN_ROW_BLOCK):
+            nr = min(HESSIAN_ROW_BLOCK, d - r)
+            if n_dev == 1:
+                h[r:r + nr] += np.asarray(gram_rows(t, r, nr))
             else:
-                h += np.asarray(t)
-            del t
+                blocks = gather(_sharded_gram_rows(mesh, r, nr)(t))  # [n_dev * nr, d]
+                for k in range(n_dev):
+                    h[r:r + nr] += blocks[k * nr:(k + 1) * nr]
+
+    def hessian(terms, rows: bool):
+        """(2/n) * the sum of the batches' Gram matrices, added in window order as they come, as a writable
+        float32 NumPy array that GPTQ may overwrite; the same additions in the same order on any number of
+        devices and processes, so every process gets the one-device Hessian bit for bit. ``terms`` are Gram
+        matrices (one partial sum and one batch's Gram in memory) or, with ``rows``, the batches' activations
+        [tokens, d], whose Gram matrices are added HESSIAN_ROW_BLOCK rows at a time (the partial sum, one
+        batch and one block in memory)."""
+        h = None
+        for step_term in terms:
+            for t in device_terms(step_term, rows):
+                if rows:
+                    d = t.shape[-1]
+                    h = np.zeros((d, d), np.float32) if h is None else h
+                    add_rows(h, t)
+                elif h is None:
+                    h = np.array(t, dtype=np.float32)
+                else:
+                    h += np.asarray(t)
+                del t
+            del step_term
         h *= scale
         return h
 
@@ -287,27 +383,28 @@ def gptq_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], w
         quantized.clear()
         out.maps[1] = _layer_entries(weights, i)
         g, s = split()
-        h = hessian((_stage_attn_in(g, s, x, rope, positions, rows["attn_in"]) for x in xs), rows["attn_in"])
+        h = hessian((stage(_attn_in, g, s, x, rope, positions, rows=rows["attn_in"]) for x in xs), rows["attn_in"])
         del g, s  # the layer's device copy is rebuilt with the quantized linears after each group
         group(("q", "k", "v"), h)
         g, s = split()
         attn: list = []
-        h = hessian(_kept(attn, (_stage_o_in(g, s, x, rope, positions, rows["o_in"]) for x in xs)), rows["o_in"])
+        h = hessian(_kept(attn, (stage(_o_in, g, s, x, rope, positions, rows=rows["o_in"]) for x in xs)),
+                    rows["o_in"])
         del g, s
         group(("o",), h)
         g, s = split()
         x1s: list = []
-        h = hessian(_kept(x1s, (_stage_mlp_in(g, s, x, a, rows["mlp_in"]) for x, a in zip(xs, attn))),
+        h = hessian(_kept(x1s, (stage(_mlp_in, g, s, x, a, rows=rows["mlp_in"]) for x, a in zip(xs, attn))),
                     rows["mlp_in"])
         del attn, g, s
         group(("gate", "up"), h)
         g, s = split()
-        h = hessian((_stage_down_in(g, s, x1, rows["down_in"]) for x1 in x1s), rows["down_in"])
+        h = hessian((stage(_down_in, g, s, x1, rows=rows["down_in"]) for x1 in x1s), rows["down_in"])
         del g, s
         group(("down",), h)
         del h
         g, s = split()
-        xs = [_stage_out(g, s, x1) for x1 in x1s]
+        xs = [stage(_out, g, s, x1) for x1 in x1s]
         del x1s, g, s
         per_layer.append(time.perf_counter() - t0)
         if bar is not None:

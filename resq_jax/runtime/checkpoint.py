@@ -202,20 +202,29 @@ def _check_format(path: Path, meta: dict, fmt: str, versions: tuple[int, ...]):
                           f"{readable}: {RERUN}")
 
 
-def _save_tree(folder: Path, tree: dict):
+def _checkpointer():
+    """An orbax PyTree checkpointer of this process alone: in a multi-process job process 0 writes the
+    checkpoint and any process reads it, with no barrier across processes (orbax's default syncs them all)."""
+    import jax
     import orbax.checkpoint as ocp
 
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, use_compression=True,
+                                          multiprocessing_options=options)  # PyTreeCheckpointer's defaults
+    return ocp.Checkpointer(handler, multiprocessing_options=options)
+
+
+def _save_tree(folder: Path, tree: dict):
     folder.parent.mkdir(parents=True, exist_ok=True)
-    ocp.PyTreeCheckpointer().save(folder.absolute(), tree)
+    _checkpointer().save(folder.absolute(), tree)
 
 
 def _restore(path: Path, part: str = "") -> dict:
     """The orbax tree in ``path``/arrays (/``part``)."""
-    import orbax.checkpoint as ocp
-
     folder = path / "arrays" / part if part else path / "arrays"
     try:
-        return ocp.PyTreeCheckpointer().restore(folder.absolute())
+        return _checkpointer().restore(folder.absolute())
     except Exception as e:  # orbax/tensorstore raise many types for truncated/corrupt files
         raise CheckpointError(f"cannot read the arrays of checkpoint {path} ({type(e).__name__}: "
                               f"{str(e)[:300]}); the checkpoint is damaged: {RERUN}") from None
