@@ -66,13 +66,6 @@ SHAPES: dict[str, Shape] = {
                           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
                           "hidden_act": "silu", "attention_bias": False, "torch_dtype": "bfloat16",
                           "bos_token_id": 1, "eos_token_id": 2}, "smollm2"),
-    # tiny-llama's layers with SmolLM2's vocabulary and tokenizer: the command-line programs run it in seconds
-    "tiny-llama-smol": Shape({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-                              "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-                              "num_key_value_heads": 2, "vocab_size": 49152, "tie_word_embeddings": True,
-                              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-                              "hidden_act": "silu", "attention_bias": False, "torch_dtype": "bfloat16",
-                              "bos_token_id": 1, "eos_token_id": 2}, "smollm2"),
     # small shapes for tests and quick checks (the tokenizers' vocabularies are larger than these tables: the
     # tokenizer is not saved, token ids are drawn below vocab_size)
     "tiny-qwen2": Shape(_qwen2(64, 96, 4, 4, 2, 512, tied=False), ""),
@@ -82,6 +75,11 @@ SHAPES: dict[str, Shape] = {
                          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
                          "hidden_act": "silu", "attention_bias": False, "torch_dtype": "bfloat16"}, ""),
 }
+
+
+# tiny-llama's layers with SmolLM2's vocabulary and tokenizer: the command-line programs run it in seconds
+SHAPES["tiny-llama-smol"] = Shape({**SHAPES["tiny-llama"].hf_config, "num_hidden_layers": 2, "vocab_size": 49152,
+                                   "bos_token_id": 1, "eos_token_id": 2}, "smollm2")
 
 
 class SyntheticModelError(ValueError):
