@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -90,11 +91,69 @@ def test_round_trip_bit_identical(qwen, saved):
     assert set(back.transforms) == {"residual", "value", "key"}
     np.testing.assert_array_equal(_logits(back), _logits(pm))
     meta = json.loads((saved / "meta.json").read_text())
-    assert meta["format"] == FORMAT and meta["version"] == FORMAT_VERSION == 3
+    assert meta["format"] == FORMAT and meta["version"] == FORMAT_VERSION == 4
     assert meta["arrays"]["layers.0.q.w_low"]["dtype"] == "int8"
-    # one orbax tree per layer, written and read one layer at a time, and one for the rest
+    # one orbax tree per layer, written and read one layer at a time, one per vocabulary block, one for the rest
     layers = sorted(int(p.name) for p in (saved / "arrays" / "layers").iterdir())
     assert layers == list(range(pm.config.num_layers)) and (saved / "arrays" / "common").is_dir()
+    assert sorted(p.name for p in (saved / "arrays" / "vocab").iterdir()) == ["embed", "lm_head"]
+
+
+def test_vocabulary_tables_in_blocks(qwen, tmp_path):
+    """The float16 embed [128, d] and lm_head [d, 128] written in blocks of 48 entries (48 + 48 + 32): each
+    block on disk is that slice of the table with its own CRC; they read back bit-identical, and a damaged or
+    missing block is reported by name."""
+    import orbax.checkpoint as ocp
+
+    _, _, pm = qwen
+    path = save_packed(tmp_path / "blocks", pm, vocab_block=48)
+    meta = json.loads((path / "meta.json").read_text())
+    for name, axis in (("embed", 0), ("lm_head", 1)):
+        table = np.asarray(pm.arrays[name])
+        assert table.dtype == np.float16 and table.shape[axis] == 128
+        m = meta["arrays"][name]
+        assert m["block"] == 48 and len(m["crc32"]) == 3 and m["shape"] == list(table.shape)
+        last = ocp.PyTreeCheckpointer().restore((path / "arrays" / "vocab" / name / "2").absolute())["block"]
+        np.testing.assert_array_equal(last, table[96:] if axis == 0 else table[:, 96:])
+    back = load_packed(path).model
+    for k, a in pm.arrays.items():
+        assert back.arrays[k].dtype == a.dtype and np.array_equal(back.arrays[k], a), k
+    np.testing.assert_array_equal(_logits(back), _logits(pm))
+
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    m = json.loads((bad / "meta.json").read_text())
+    m["arrays"]["lm_head"]["crc32"][1] ^= 1
+    (bad / "meta.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="block 1 of 'lm_head' fails its checksum"):
+        load_packed(bad)
+    shutil.rmtree(path / "arrays" / "vocab" / "embed" / "2")
+    with pytest.raises(CheckpointError, match="cannot read the arrays"):
+        load_packed(path)
+
+
+def test_version_3_common_tables_still_load(qwen, saved, tmp_path):
+    """A version 3 checkpoint (the float vocabulary tables inside arrays/common) loads to the same arrays."""
+    import orbax.checkpoint as ocp
+
+    _, _, pm = qwen
+    dst = tmp_path / "v3"
+    shutil.copytree(saved, dst)
+    shutil.rmtree(dst / "arrays" / "vocab")
+    tree = ocp.PyTreeCheckpointer().restore((saved / "arrays" / "common").absolute())
+    shutil.rmtree(dst / "arrays" / "common")
+    tables = {k: np.asarray(pm.arrays[k]) for k in ("embed", "lm_head")}
+    ocp.PyTreeCheckpointer().save((dst / "arrays" / "common").absolute(),
+                                  {"arrays": {**tree["arrays"], **tables}, "transforms": tree["transforms"]})
+    meta = json.loads((saved / "meta.json").read_text())
+    for k, a in tables.items():
+        meta["arrays"][k] = {"shape": list(a.shape), "dtype": str(a.dtype),
+                             "crc32": zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1)) & 0xFFFFFFFF}
+    (dst / "meta.json").write_text(json.dumps({**meta, "version": 3}))
+    back = load_packed(dst).model
+    for k, a in pm.arrays.items():
+        assert np.array_equal(back.arrays[k], a), k
+    np.testing.assert_array_equal(_logits(back), _logits(pm))
 
 
 def test_version_2_single_tree_still_loads(qwen, saved, tmp_path):
@@ -148,7 +207,7 @@ def test_incompatible_version_and_format(saved, tmp_path):
         load_packed(dst)
     # version 1 stored column sums and only float embeddings: re-created, not guessed at
     (dst / "meta.json").write_text(json.dumps({**meta, "version": 1}))
-    with pytest.raises(CheckpointError, match="version 1; this reads .* version 2 or 3.*quantize.py --out"):
+    with pytest.raises(CheckpointError, match="version 1; this reads .* version 2, 3 or 4.*quantize.py --out"):
         load_packed(dst)
     bad = {**meta, "embedding": {"bits": 4, "group": 5, "head": "table"}}
     (dst / "meta.json").write_text(json.dumps(bad))

@@ -6,13 +6,18 @@ A packed checkpoint folder (``save_packed`` / ``load_packed``; format ``resq-jax
                 (shape, dtype, CRC-32 of its bytes)
   arrays/layers/{i}/  one orbax PyTree checkpoint per decoder layer: its packed int4/int8 codes, scales,
                 biases, norms and online key rotation (column sums are derived from the codes at load)
-  arrays/common/  orbax PyTree checkpoint: ``arrays`` (embeddings / lm_head in 16 bits or as int8/int4
-                codes (resq_jax.quant.embeddings), the final norm) and ``transforms`` (the recipe's
-                projections, float32)
+  arrays/vocab/{embed,lm_head}/{k}/  the 16-bit float vocabulary tables, one orbax PyTree checkpoint
+                per block of ``block`` vocabulary entries (rows of embed, columns of lm_head), each with
+                its own CRC-32 in the manifest
+  arrays/common/  orbax PyTree checkpoint: ``arrays`` (the final norm, and the embeddings / lm_head
+                when they are int8/int4 codes (resq_jax.quant.embeddings)) and ``transforms`` (the
+                recipe's projections, float32)
   tokenizer/    the tokenizer's files (when the model has a tokenizer)
 
-Version 3 writes and reads the arrays one layer at a time, so a model the host cannot hold whole is
-saved and evaluated with one layer in memory; version 2 (one ``arrays/`` tree) is still read.
+Version 4 writes and reads the arrays one layer and one vocabulary block at a time, so a model the host
+cannot hold whole (a 7B model's float16 embed and lm_head are 1.1 GB each, spilled to disk while it is
+made) is saved with one layer or one block in memory. Version 3 (the vocabulary tables inside
+``arrays/common``) and version 2 (one ``arrays/`` tree) are still read.
 
 Writes go to a hidden staging folder next to the target, renamed into place only when complete
 (meta.json written last): a crash leaves the old checkpoint (or none), never a half-written one.
@@ -37,6 +42,7 @@ import numpy as np
 
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.loaders import expected_shapes
+from resq_jax.models.views import VOCAB_AXIS, VOCAB_SLICE, index_vocab
 from resq_jax.quant.fake_quant import FakeQuantHooks
 from resq_jax.quant.layouts import LINEARS, ActivationSpec
 from resq_jax.runtime.linear import LinearLayout
@@ -44,8 +50,10 @@ from resq_jax.runtime.pack import PackedArrays, PackedModel
 from resq_jax.util.files import json_default
 
 FORMAT = "resq-jax-packed"
-FORMAT_VERSION = 3  # 2: column sums derived at load, quantized embeddings; 3: arrays written per layer
-READABLE_VERSIONS = (2, 3)
+# 2: column sums derived at load, quantized embeddings; 3: arrays written per layer; 4: float vocabulary tables
+# written per block of entries
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 FAKE_QUANT_FORMAT = "resq-jax-fake-quant"
 FAKE_QUANT_VERSION = 1
 RERUN = "re-create it with scripts/quantize.py --out"
@@ -106,6 +114,18 @@ def _crc(a: np.ndarray) -> int:
 
 def _manifest(arrays: Mapping[str, np.ndarray]) -> dict:
     return {k: {"shape": list(a.shape), "dtype": str(a.dtype), "crc32": _crc(a)} for k, a in sorted(arrays.items())}
+
+
+def _dtype(name: str) -> np.dtype:
+    """A manifest's dtype name as a NumPy dtype (bfloat16 from ml_dtypes)."""
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name)) if name == "bfloat16" else np.dtype(name)
+
+
+def _vocab_index(name: str, start: int, stop: int) -> tuple[slice, ...]:
+    """The index of vocabulary entries [start, stop) of the table ``name`` (embed rows, lm_head columns)."""
+    return (slice(None),) * VOCAB_AXIS[name] + (slice(start, stop),)
 
 
 
@@ -194,7 +214,7 @@ def _check_format(path: Path, meta: dict, fmt: str, versions: tuple[int, ...]):
     got_fmt, got_version = meta.get("format"), meta.get("version")
     if got_fmt == fmt and got_version in versions:
         return
-    readable = " or ".join(map(str, versions))
+    readable = " or ".join(filter(None, (", ".join(map(str, versions[:-1])), str(versions[-1]))))
     if got_fmt == fmt and isinstance(got_version, int) and got_version > max(versions):
         raise CheckpointError(f"{path} has {fmt} version {got_version}, written by a newer resq-jax; this one reads "
                               f"version {readable}: upgrade resq-jax or {RERUN}")
@@ -252,11 +272,57 @@ def _config(path: Path, meta: dict):
 # ----------------------------------------------------------------------------------------------
 # the packed format
 # ----------------------------------------------------------------------------------------------
-def save_packed(path: str | os.PathLike, pm, *, tokenizer=None, source: str = "", force: bool = False) -> Path:
+def _save_blocks(folder: Path, name: str, table, block: int) -> dict:
+    """Write the vocabulary table ``name`` (an array or a models.views.SpilledTable, read one block at a
+    time) as orbax trees ``folder/{k}`` of ``block`` entries each; returns its manifest entry (a CRC-32 per
+    block)."""
+    n = table.shape[VOCAB_AXIS[name]]
+    crcs = []
+    for k, start in enumerate(range(0, n, block)):
+        part = np.ascontiguousarray(index_vocab(name, table, slice(start, min(start + block, n))))
+        _save_tree(folder / str(k), {"block": part})
+        crcs.append(_crc(part))
+        del part
+    return {"shape": list(table.shape), "dtype": str(np.dtype(table.dtype)), "block": block, "crc32": crcs}
+
+
+def _read_blocks(path: Path, name: str, m: Mapping) -> np.ndarray:
+    """The vocabulary table ``name`` written by ``_save_blocks``, each block checked against its manifest
+    entry ``m`` (shape, dtype, CRC) as it is read; one block in memory besides the table."""
+    try:
+        shape, dtype, block, crcs = tuple(m["shape"]), _dtype(m["dtype"]), int(m["block"]), list(m["crc32"])
+        n = shape[VOCAB_AXIS[name]]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: meta.json's entry for {name!r} is invalid ({type(e).__name__}: {e}); "
+                              f"{RERUN}") from None
+    starts = range(0, n, block) if block > 0 else range(0)
+    if block <= 0 or len(crcs) != len(starts):
+        raise CheckpointError(f"{path}: meta.json lists {len(crcs)} blocks of {block} entries for {name!r}, which "
+                              f"has {n} entries; {RERUN}")
+    out = np.empty(shape, dtype)
+    for k, start in enumerate(starts):
+        index = _vocab_index(name, start, min(start + block, n))
+        part = _flatten(_restore(path, f"vocab/{name}/{k}")).get("block")
+        if part is None or part.shape != out[index].shape or part.dtype != dtype:
+            got = "nothing" if part is None else f"{part.dtype}{list(part.shape)}"
+            raise CheckpointError(f"{path}: block {k} of {name!r} is {got} on disk but should be "
+                                  f"{dtype}{list(out[index].shape)}: the checkpoint is damaged: {RERUN}")
+        if _crc(part) != crcs[k]:
+            raise CheckpointError(f"{path}: block {k} of {name!r} fails its checksum (a truncated or modified "
+                                  f"file); {RERUN}")
+        out[index] = part
+    return out
+
+
+def save_packed(path: str | os.PathLike, pm, *, tokenizer=None, source: str = "", force: bool = False,
+                vocab_block: int = VOCAB_SLICE) -> Path:
     """Write a resq_jax.runtime.pack.PackedModel (and the tokenizer's files) to the folder ``path``, one
-    layer at a time (``arrays/layers/{i}``, then ``arrays/common``): a PackedModel that packs its layers
-    on access (runtime.pack.PackedArrays) is never whole in memory."""
+    layer at a time (``arrays/layers/{i}``), the 16-bit float vocabulary tables one block of ``vocab_block``
+    entries at a time (``arrays/vocab/{name}/{k}``), then the rest (``arrays/common``): a PackedModel that
+    packs its layers on access (runtime.pack.PackedArrays) and keeps its tables on disk
+    (models.views.SpilledTable) is never whole in memory."""
     transforms = {k: np.asarray(v) for k, v in pm.transforms.items()}
+    tables = [k for k in VOCAB_AXIS if k in pm.arrays]  # float tables (quantized ones are named embed.q, ...)
 
     def write(staging: Path) -> dict:
         manifest = {}
@@ -265,7 +331,9 @@ def save_packed(path: str | os.PathLike, pm, *, tokenizer=None, source: str = ""
             _save_tree(staging / "arrays" / "layers" / str(i), _nest(arrays))
             manifest.update(_manifest(arrays))
             del arrays
-        shared = {k: np.asarray(v) for k, v in pm.shared_arrays().items()}
+        for name in tables:
+            manifest[name] = _save_blocks(staging / "arrays" / "vocab" / name, name, pm.arrays[name], vocab_block)
+        shared = {k: np.asarray(v) for k, v in pm.shared_arrays().items() if k not in tables}
         _save_tree(staging / "arrays" / "common", {"arrays": _nest(shared), "transforms": transforms})
         manifest.update(_manifest(shared))
         return {
@@ -387,7 +455,7 @@ def _check_arrays(path: Path, arrays: Mapping[str, np.ndarray], manifest: Mappin
             if tuple(a.shape) != tuple(shape) or not dtype_ok:
                 raise CheckpointError(f"{path}: array {k!r} has shape {tuple(a.shape)} ({a.dtype}), the model config "
                                       f"needs {tuple(shape)} ({dtype}): the arrays do not match the config; {RERUN}")
-        if _crc(a) != m["crc32"]:
+        if "block" not in m and _crc(a) != m["crc32"]:  # a blocked table's blocks were checked as read
             raise CheckpointError(f"{path}: array {k!r} fails its checksum (a truncated or modified file); {RERUN}")
 
 
@@ -435,6 +503,12 @@ def load_packed(path: str | os.PathLike, *, expect_config=None) -> LoadedPacked:
     else:
         tree = _restore(path, "common")
         shared = _flatten(tree.get("arrays", {}))
+        for name, m in manifest.items():
+            if isinstance(m, Mapping) and "block" in m:
+                if name not in VOCAB_AXIS:
+                    raise CheckpointError(f"{path}: meta.json stores {name!r} in blocks, which only the "
+                                          f"vocabulary tables are; {RERUN}")
+                shared[name] = _read_blocks(path, name, m)
         _check_arrays(path, shared, {k: m for k, m in manifest.items() if not k.startswith("layers.")}, expected,
                       "arrays", optional)
 
