@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +49,29 @@ def _arrays(ckpt: Path) -> dict[str, np.ndarray]:
     from resq_jax.runtime.checkpoint import _flatten, _restore
 
     layers = len(list((ckpt / "arrays" / "layers").iterdir()))
+    blocks = sorted(str(p.relative_to(ckpt / "arrays")) for p in (ckpt / "arrays" / "vocab").glob("*/*"))
+    assert blocks  # the float16 embed / lm_head blocks
     out = {}
-    for part in ["common"] + [f"layers/{i}" for i in range(layers)]:
+    for part in ["common", *blocks] + [f"layers/{i}" for i in range(layers)]:
         out.update({f"{part}:{k}": np.asarray(v) for k, v in _flatten(_restore(ckpt, part)).items()})
     return out
 
 
 def test_two_processes_equal_one(tiny_model, tmp_path):
     """ResQ + GPTQ through scripts/quantize.py: one process on one device, then 2 processes x 2 devices."""
-    base = ["--model", str(tiny_model), "--method", "resq", *PROTOCOL]
-    one = _finish(_quantize([*base, "--json", str(tmp_path / "one.json"), "--out", str(tmp_path / "one")]))
+    _two_processes_equal_one(["--model", str(tiny_model), "--method", "resq", *PROTOCOL], tmp_path)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_smollm2(tmp_path):
+    """The same on SmolLM2-135M (30 layers, real weights), 32 calibration and 8 evaluation windows of 256 tokens."""
+    _two_processes_equal_one(["--model", "smollm2", "--method", "resq", "--calib-windows", "32", "--calib-seq-len",
+                              "256", "--eval-windows", "8", "--eval-seq-len", "256"], tmp_path, timeout=3600)
+
+
+def _two_processes_equal_one(base, tmp_path, timeout=600):
+    one = _finish(_quantize([*base, "--json", str(tmp_path / "one.json"), "--out", str(tmp_path / "one")]),
+                  timeout=timeout)
     assert one[0] == 0, one[2][-3000:]
 
     port = str(_free_port())
@@ -65,7 +79,7 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
     procs = [_quantize([*base, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                         "--json", str(tmp_path / f"two{i}.json"), "--out", str(tmp_path / "two")], env=env)
              for i in (0, 1)]
-    two = [_finish(p) for p in procs]
+    two = [_finish(p, timeout=timeout) for p in procs]
     assert [r[0] for r in two] == [0, 0], [r[2][-3000:] for r in two]
     # process 0 alone prints the table and writes --json and --out
     assert "x fp (wiki-eval)" in two[0][1] and "x fp" not in two[1][1]  # (gloo itself prints to stdout)
@@ -88,8 +102,9 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
 
 
 def test_two_local_devices_equal_one(tiny_model, tmp_path):
-    """One process with 2 host devices (calibration and GPTQ over the local mesh) gives the one-device codes."""
-    base = ["--model", str(tiny_model), "--method", "resq", "--eval-path", "fake", *PROTOCOL]
+    """One process with 2 host devices gives the one-device codes (calibration and GPTQ over the local mesh) and
+    perplexities (the 2 evaluation batches of 4 windows run one per device: float and packed models)."""
+    base = ["--model", str(tiny_model), "--method", "resq", *PROTOCOL]
     one = _finish(_quantize([*base, "--json", str(tmp_path / "one.json"), "--out", str(tmp_path / "one")]))
     two = _finish(_quantize([*base, "--json", str(tmp_path / "two.json"), "--out", str(tmp_path / "two")],
                             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
@@ -132,3 +147,99 @@ def test_bad_job_flags_end_the_program_with_one_line(tmp_path):
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: --process-id 3 is out of range for --num-processes 2: use 0..1"
     assert not (tmp_path / "ck").exists()
+
+
+# --- a failed job: one line, within a bound, nothing at --out ------------------------------------------------
+TIMEOUT_S = 10  # --job-timeout of the failure tests
+BOUND_S = TIMEOUT_S + 30  # the stated bound (--job-timeout + about 10 s) with room for a loaded machine
+
+
+def _job(model, tmp_path):
+    """Both processes of a 2-process ResQ job writing --out, stderr to files; returns (procs, out)."""
+    port = _free_port()
+    out = tmp_path / "ck"
+    args = ["--model", str(model), "--method", "resq", "--calib-windows", "64", "--calib-seq-len", "256",
+            "--eval-windows", "8", "--eval-seq-len", "64", "--out", str(out), "--job-timeout", str(TIMEOUT_S),
+            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "quantize.py"), *args, "--process-id", str(i)],
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"p{i}.err", "w"), env=env, cwd=ROOT)
+             for i in (0, 1)]
+    return procs, out
+
+
+def _kill_mid_calibration(procs, tmp_path, victim: int) -> float:
+    """SIGKILL process ``victim`` (the process the user started) once calibration runs; returns the kill time."""
+    deadline = time.time() + 300
+    while "calibrate:" not in (tmp_path / "p0.err").read_text():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "p0.err").read_text()
+        time.sleep(0.05)
+    procs[victim].kill()
+    return time.time()
+
+
+@pytest.mark.parametrize("victim,needle", [
+    (1, "error: process 1 of the job stopped responding for 10 s"),
+    (0, "error: lost the coordinator at 127.0.0.1:"),
+])
+def test_killed_process_ends_the_job_with_one_line(tiny_model, tmp_path, victim, needle):
+    """A process killed mid-calibration (kill -9): the other exits 1 within the bound with one line naming the
+    failed process, no traceback and no runtime log; nothing at --out and no staging folder left."""
+    procs, out = _job(tiny_model, tmp_path)
+    try:
+        killed = _kill_mid_calibration(procs, tmp_path, victim)
+        survivor = procs[1 - victim]
+        code = survivor.wait(timeout=BOUND_S + 60)
+        elapsed = time.time() - killed
+    finally:
+        for p in procs:
+            p.kill()
+    err = (tmp_path / f"p{1 - victim}.err").read_text()
+    assert code == 1 and elapsed < BOUND_S, (code, elapsed, err[-3000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith(needle), err[-3000:]
+    assert not any(w in err for w in ("Traceback", "Check failure", "F1", "absl")), err[-3000:]
+    assert not out.exists() and not list(tmp_path.glob(".ck.partial-*"))
+
+
+def test_unreachable_coordinator_is_one_line(tiny_model, tmp_path):
+    port = _free_port()  # nothing listens there
+    t0 = time.time()
+    code, _, err = _finish(_quantize(["--model", str(tiny_model), "--method", "rtn", "--coordinator",
+                                      f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+                                      "--job-timeout", str(TIMEOUT_S), "--out", str(tmp_path / "ck")]), timeout=300)
+    assert code == 1 and time.time() - t0 < BOUND_S + 15, (code, err[-3000:])  # + start-up of the program
+    assert err.strip().splitlines()[-1].startswith(f"error: process 1 could not join the job at 127.0.0.1:{port} "
+                                                   f"within {TIMEOUT_S} s"), err[-3000:]
+    assert "Traceback" not in err and not (tmp_path / "ck").exists()
+
+
+def test_mismatched_process_counts_are_one_line(tiny_model, tmp_path):
+    """Process 0 of a 2-process job and a process that believes the job has 3: the latter is rejected at once,
+    process 0 gives up after the timeout; one line each."""
+    port = _free_port()
+    base = ["--model", str(tiny_model), "--method", "rtn", "--coordinator", f"127.0.0.1:{port}",
+            "--job-timeout", str(TIMEOUT_S)]
+    p0 = _quantize([*base, "--num-processes", "2", "--process-id", "0"])
+    p2 = _quantize([*base, "--num-processes", "3", "--process-id", "2"])
+    (c0, _, e0), (c2, _, e2) = _finish(p0, timeout=300), _finish(p2, timeout=300)
+    assert (c0, c2) == (1, 1), (e0[-2000:], e2[-2000:])
+    assert e2.strip().splitlines()[-1].startswith(f"error: the coordinator at 127.0.0.1:{port} rejected process 2: "
+                                                  "the processes disagree on --num-processes"), e2[-2000:]
+    assert e0.strip().splitlines()[-1].startswith(f"error: process 0 waited {TIMEOUT_S} s at 127.0.0.1:{port} but "
+                                                  "not every process joined"), e0[-2000:]
+    assert "Traceback" not in e0 + e2
+
+
+def test_runtime_reports_become_one_line():
+    """The runtime's own reports (as JAX 0.8 prints them) map to the lines above; anything else (a bug) is not
+    a job failure, so its traceback is shown."""
+    from resq_jax.distributed.supervise import job_failure
+
+    heartbeat = ("E1205 coordination_service.cc:1549] ... UNAVAILABLE: The following tasks are unhealthy (stopped "
+                 "sending heartbeats):\n3\nThe tasks have crashed.\nF1205 client.h:80] Terminating process because "
+                 "the JAX distributed service detected fatal errors.")
+    assert job_failure(heartbeat, 0, "h:1", 60).startswith("process 3 of the job stopped responding for 60 s")
+    gloo = "jax.errors.JaxRuntimeError: UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer [h]:5"
+    assert job_failure(gloo, 1, "h:1", 60).startswith("a peer process closed its connection")
+    assert job_failure("Traceback (most recent call last):\nKeyError: 'x'", 0, "h:1", 60) is None

@@ -110,16 +110,39 @@ def eval_sets(tokenizer, texts: Sequence[str] | None, windows: int, seq_len: int
 
 
 
-def guarded(run, args) -> int:
+def guarded(run, args, *, module: str | None = None, argv: Sequence[str] | None = None) -> int:
     """``run(args)``, a UserError ending the program with its one line (``fail``); large freed buffers are
-    returned to the OS as they are freed (``util.memory.release_large_blocks``)."""
+    returned to the OS as they are freed (``util.memory.release_large_blocks``).
+
+    In a multi-process job (job flags, or SLURM / Open MPI detected) the job flags are checked, then the program
+    ``module`` (its ``main(argv)``) runs as a child of this process (``distributed.supervise``), so that a failed
+    job (a peer died, the coordinator is unreachable) ends in one line and leaves no half-written ``--out``."""
+    from resq_jax.distributed.job import JobError, check_job
+    from resq_jax.distributed.supervise import is_child, supervise
     from resq_jax.util.memory import release_large_blocks
 
     release_large_blocks()
     try:
-        return run(args)
+        if module is None or is_child() or not job_spec(args).multi_process:
+            return run(args)
+        spec = job_spec(args)
+        try:
+            check_job(spec)
+        except JobError as e:
+            raise UserError(str(e)) from None
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))", *argv]
+        return supervise(command, process_id=spec.process_id, coordinator=spec.coordinator, timeout_s=spec.timeout_s,
+                         cleanup=lambda pid: _remove_staging(getattr(args, "out", None)))
     except UserError as e:
         fail(e)
+
+
+def _remove_staging(out: str | None):
+    if out:
+        from resq_jax.runtime.checkpoint import remove_stale_staging
+
+        remove_stale_staging(out)
 
 
 def fail(e: Exception) -> NoReturn:

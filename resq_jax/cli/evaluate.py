@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    return guarded(run, parse_args(argv))
+    return guarded(run, parse_args(argv), module="resq_jax.cli.evaluate", argv=argv)
 
 
 def run(args) -> int:

@@ -124,7 +124,7 @@ def quant_configs(args, methods: list[str]) -> list:
 
 
 def main(argv=None) -> int:
-    return guarded(run, parse_args(argv))
+    return guarded(run, parse_args(argv), module="resq_jax.cli.quantize", argv=argv)
 
 
 def run(args) -> int:

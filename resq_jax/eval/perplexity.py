@@ -39,6 +39,11 @@ def perplexity(model: Decoder | LayerStreamer, windows: np.ndarray, *, batch_siz
     window (the padding's losses are dropped), so every batch has one shape and compiles once. Each
     batch sees the same jitted calls with the same inputs as a batch-by-batch pass through the whole
     model, so the numbers are the same.
+
+    Data-parallel: in a multi-process job each process evaluates a contiguous share of the batches and the
+    windows' losses are gathered in window order; within a process the batches go round-robin over its local
+    devices (each with a copy of the layer). Every batch meets the same jitted calls either way, so the
+    perplexity equals the one-device one bit for bit.
     """
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
@@ -62,18 +67,23 @@ def perplexity(model: Decoder | LayerStreamer, windows: np.ndarray, *, batch_siz
     n_layers = len(runner.layers)
     bar = progress_bar(n_layers + 2, label, unit="layer") if progress else None
     start = time.perf_counter()
+    # this process's batches go round-robin over its devices, a wave of one batch per device at a time, each
+    # device with its own copy of the layer: the same jitted calls on the same inputs, so the same numbers
+    devices = jax.local_devices()[:max(1, min(len(jax.local_devices()), len(mine)))]
     xs = [np.asarray(runner.embed(b)) for b, _ in mine]
     positions, rope = runner.rope(seq_len)
     if bar is not None:
         bar.update(1)
     for i in range(n_layers):
         g, s = runner.layers[i]
-        xs = [np.asarray(layer_apply(g, s, jnp.asarray(x), rope, positions, hooks)[0]) for x in xs]
+        xs = _waves(devices, xs, (s, rope, positions),
+                    lambda x, s, rope, positions: layer_apply(g, s, x, rope, positions, hooks)[0])
         del g, s
         if bar is not None:
             bar.update(1)
     g, s = runner.head_parts
-    local = np.stack([np.asarray(head_nll(g, s, jnp.asarray(x), b)) for x, (b, _) in zip(xs, mine)])
+    local = np.stack(_waves(devices, list(zip(xs, [b for b, _ in mine])), (s,),
+                            lambda xb, s: head_nll(g, s, xb[0], xb[1])))
     losses = gather_host(local)  # [n_proc * share, batch_size]: every process's batches in window order
     losses = [row[:real] for row, (_, real) in zip(losses, batches)]
     if bar is not None:
@@ -87,3 +97,17 @@ def perplexity(model: Decoder | LayerStreamer, windows: np.ndarray, *, batch_siz
         tokens_per_second=windows.size / seconds,
         seconds=seconds,
     )
+
+
+def _waves(devices, items: list, shared: tuple, fn) -> list[np.ndarray]:
+    """[np.asarray(fn(item, *shared)) for item in items], item k on devices[k % len(devices)] (``shared``, the
+    layer's state and tables, copied to each device once), one item per device dispatched before any result is
+    read, so the devices run together. One device: the plain loop on the default device."""
+    if len(devices) == 1:
+        return [np.asarray(fn(jax.tree.map(jnp.asarray, item), *shared)) for item in items]
+    copies = [jax.device_put(shared, d) for d in devices]
+    out = []
+    for k in range(0, len(items), len(devices)):
+        wave = [fn(jax.device_put(item, devices[j]), *copies[j]) for j, item in enumerate(items[k:k + len(devices)])]
+        out += [np.asarray(y) for y in wave]
+    return out

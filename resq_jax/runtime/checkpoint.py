@@ -23,9 +23,9 @@ Writes go to a hidden staging folder next to the target, renamed into place only
 (meta.json written last): a crash leaves the old checkpoint (or none), never a half-written one.
 Reads check everything before returning: format and version, the config, every array against the
 manifest and against the shapes the config implies, and the CRC of every array (a truncated or
-swapped file is reported, never run); a version 3 checkpoint is checked layer by layer and each
-layer is checked again when it is read for use. The previous fake-quant format (``resq-jax-fake-quant`` version 1) is still
-readable with ``load_fake_quant``; ``load_checkpoint`` reads either.
+swapped file is reported, never run); a version 3 or 4 checkpoint is checked layer by layer (and block by
+block) and each layer is checked again when it is read for use. The previous fake-quant format
+(``resq-jax-fake-quant`` version 1) is still readable with ``load_fake_quant``; ``load_checkpoint`` reads either.
 """
 from __future__ import annotations
 
@@ -139,8 +139,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_staging(path: Path):
-    """Staging folders of ``path`` left by writers that died (kill -9, power loss)."""
+def remove_stale_staging(path: str | os.PathLike):
+    """Remove the staging folders of the checkpoint ``path`` left by writers that died (kill -9, power loss, a
+    failed multi-process job)."""
+    path = Path(path).absolute()
     for p in path.parent.glob(f".{path.name}.partial-*"):
         try:
             pid = int(p.name.rsplit("-", 2)[-2])
@@ -169,7 +171,7 @@ def _save_staged(path: str | os.PathLike, write, tokenizer, force: bool) -> Path
     path = Path(path).absolute()
     check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(path)
+    remove_stale_staging(path)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-{os.getpid()}-"))
     try:
         meta = write(staging)
