@@ -243,3 +243,51 @@ def test_runtime_reports_become_one_line():
     gloo = "jax.errors.JaxRuntimeError: UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer [h]:5"
     assert job_failure(gloo, 1, "h:1", 60).startswith("a peer process closed its connection")
     assert job_failure("Traceback (most recent call last):\nKeyError: 'x'", 0, "h:1", 60) is None
+
+
+_SHARDED_EVAL = r"""
+import json, sys
+import numpy as np, jax
+from resq_jax.distributed.mesh import model_mesh, shard_weights
+from resq_jax.eval.perplexity import perplexity
+from resq_jax.models.loaders import load_model
+from resq_jax.models.streaming import LayerStreamer
+from resq_jax.pipeline.quantize import quantize_model
+from resq_jax.pipeline.recipes import QuantConfig
+from resq_jax.runtime.pack import pack_model, packed_streamer
+
+m = load_model(sys.argv[1])
+rng = np.random.default_rng(0)
+qm = quantize_model(m.config, m.weights, QuantConfig(method="resq", weight_quantizer="rtn"),
+                    rng.integers(0, 1000, (8, 64)), progress=False)
+pm = pack_model(qm)
+windows = rng.integers(0, 1000, (6, 48))
+out = {"devices": len(jax.local_devices())}
+g, s = packed_streamer(pm).layers[0]
+placed = shard_weights(s, model_mesh())
+out["split"] = sorted({str(a.shape) + "->" + str(a.addressable_shards[0].data.shape)
+                       for a in jax.tree.leaves(placed) if a.sharding.spec != jax.sharding.PartitionSpec()})
+for name, model, hooks in (("float", LayerStreamer.from_weights(m.config, m.weights), None),
+                           ("packed", packed_streamer(pm), pm.hooks)):
+    kw = {} if hooks is None else {"hooks": hooks}
+    out[name] = [perplexity(model, windows, batch_size=2, progress=False, shard_weights=flag, **kw).window_nll.tolist()
+                 for flag in (False, True)]
+print(json.dumps(out))
+"""
+
+
+def test_shard_weights_splits_layers_and_keeps_the_numbers(tiny_model):
+    """--shard-weights on 2 host devices: the packed layer's matrices are split along their output axis (each
+    device holds half), and the window losses of the float and the packed model equal the unsplit ones within
+    float32 rounding (1e-5 relative)."""
+    p = subprocess.run([sys.executable, "-c", _SHARDED_EVAL, str(tiny_model)], capture_output=True, text=True,
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    assert out["split"] and all(int(s.split("->")[0].strip("()").split(",")[-1]) ==
+                                2 * int(s.split("->")[1].strip("()").split(",")[-1]) for s in out["split"]), out
+    for name in ("float", "packed"):
+        whole, split = (np.asarray(v) for v in out[name])
+        assert whole.shape == (6,) and np.all(np.isfinite(whole))
+        np.testing.assert_allclose(split, whole, rtol=1e-5, err_msg=name)

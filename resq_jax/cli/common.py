@@ -42,6 +42,10 @@ def add_eval_args(p: argparse.ArgumentParser, default_windows: int = 40):
     p.add_argument("--batch-size", type=int, default=4, help="windows per evaluation batch (default %(default)s)")
     p.add_argument("--json", default=None, help="write the results JSON (docs/formats.md, Results JSON) to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--shard-weights", action="store_true",
+                   help="evaluation: split each layer's weights and the head over this process's devices along "
+                        "their output axis (every batch runs on all of them) instead of a copy per device, for "
+                        "layers too large for one device; perplexity equal within float32 rounding")
 
 
 def add_job_args(p: argparse.ArgumentParser):

@@ -106,7 +106,8 @@ def run(args) -> int:
         ppl, secs = {}, 0.0
         for name, windows in evals.items():
             res = perplexity(LayerStreamer.from_weights(config, weights), windows, batch_size=args.batch_size,
-                             hooks=hooks, progress=False if args.quiet else f"eval {name}")
+                             hooks=hooks, progress=False if args.quiet else f"eval {name}",
+                             shard_weights=args.shard_weights)
             ppl[name] = res.ppl
             secs += res.seconds
             log(f"{name}: ppl {res.ppl:.4f} over {windows.shape[0]} x {windows.shape[1]} tokens "

@@ -223,7 +223,8 @@ def run(args) -> int:
         ppl, secs = {}, 0.0
         for name, windows in evals.items():
             res = perplexity(model, windows, batch_size=args.batch_size, hooks=hooks,
-                             progress=False if args.quiet else f"eval {qc.method} {name}")
+                             progress=False if args.quiet else f"eval {qc.method} {name}",
+                             shard_weights=args.shard_weights)
             ppl[name] = res.ppl
             secs += res.seconds
             log(f"{qc.method} {name}: ppl {res.ppl:.3f} ({res.tokens_per_second:.0f} tok/s)")

@@ -1,4 +1,5 @@
-"""The data mesh over every device of every process, and moving rows in and out of it.
+"""The data mesh over every device of every process, and moving rows in and out of it; the model mesh of one
+process's devices, over which ``--shard-weights`` splits a layer's weights.
 
 Convention: a global batch [B, ...] is split over the mesh's 'data' axis in device order (the devices of
 process 0 first), so device k of the mesh holds rows [k * B / n, (k + 1) * B / n). Every process knows the
@@ -48,3 +49,29 @@ def gather_host(local: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+
+
+def model_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis 'model' over ``devices`` (default: this process's devices)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    return Mesh(np.asarray(devices), ("model",))
+
+
+def weight_spec(shape: tuple[int, ...], size: int) -> P:
+    """How ``shard_weights`` places an array of ``shape`` on a model mesh of ``size`` devices: split along its last
+    (output) axis when it has two or more axes and that axis divides evenly, else replicated."""
+    if len(shape) >= 2 and shape[-1] % size == 0:
+        return P(*([None] * (len(shape) - 1)), "model")
+    return P()
+
+
+def shard_weights(tree, mesh: Mesh):
+    """A pytree of weights placed on ``mesh`` (``weight_spec`` per array): each device holds 1/size of every
+    matrix, and XLA's partitioner inserts the collectives of a jitted computation on them."""
+    size = mesh.shape["model"]
+    return jax.device_put(tree, jax.tree.map(lambda a: NamedSharding(mesh, weight_spec(np.shape(a), size)), tree))
+
+
+def replicate(tree, mesh: Mesh):
+    """A pytree of arrays copied to every device of ``mesh``."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
