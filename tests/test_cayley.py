@@ -114,7 +114,7 @@ def test_a_non_orthogonal_start_is_refused():
     rng = np.random.default_rng(2)
     good = _orthogonal(rng, 8, 8)
     params = {"r1": jnp.asarray(good), "r2": jnp.asarray(good + 0.01 * rng.standard_normal((8, 8)))}
-    with pytest.raises(ValueError, match=r"\['r2'\] is not orthogonal \(max \|X\^T X - I\| = .*start from an orthogonal"):
+    with pytest.raises(ValueError, match=r"\['r2'\] is not orthogonal \(max \|X\^T X - I\| = .*start from an "):
         cayley_sgd(1.0).init(params)
     with pytest.raises(ValueError, match="needs square matrices"):
         cayley_sgd(1.0).init({"r": jnp.ones((4, 3))})

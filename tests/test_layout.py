@@ -18,8 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top; a package may import itself and any package before it, never one after it.
-LAYERS = ("util", "distributed", "transforms", "formats", "kernels", "models", "data", "calibration", "rotation", "quant",
-          "runtime", "eval", "pipeline", "cli")
+LAYERS = ("util", "distributed", "transforms", "formats", "kernels", "models", "data", "calibration", "rotation",
+          "quant", "learn", "runtime", "eval", "pipeline", "cli")
 
 # Names that are meant to exist once per program, not shared helpers.
 PER_MODULE_NAMES = {"main", "parse_args", "run"}

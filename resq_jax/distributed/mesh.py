@@ -57,7 +57,7 @@ def model_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("model",))
 
 
-def weight_spec(shape: tuple[int, ...], size: int) -> P:
+def model_axis_spec(shape: tuple[int, ...], size: int) -> P:
     """How ``shard_weights`` places an array of ``shape`` on a model mesh of ``size`` devices: split along its last
     (output) axis when it has two or more axes and that axis divides evenly, else replicated."""
     if len(shape) >= 2 and shape[-1] % size == 0:
@@ -66,10 +66,10 @@ def weight_spec(shape: tuple[int, ...], size: int) -> P:
 
 
 def shard_weights(tree, mesh: Mesh):
-    """A pytree of weights placed on ``mesh`` (``weight_spec`` per array): each device holds 1/size of every
+    """A pytree of weights placed on ``mesh`` (``model_axis_spec`` per array): each device holds 1/size of every
     matrix, and XLA's partitioner inserts the collectives of a jitted computation on them."""
     size = mesh.shape["model"]
-    return jax.device_put(tree, jax.tree.map(lambda a: NamedSharding(mesh, weight_spec(np.shape(a), size)), tree))
+    return jax.device_put(tree, jax.tree.map(lambda a: NamedSharding(mesh, model_axis_spec(np.shape(a), size)), tree))
 
 
 def replicate(tree, mesh: Mesh):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resq_jax.util.precision import EXACT
+from resq_jax.util.precision import exact_matmul
 
 INIT_TOL = 1e-4  # an initial matrix farther than this from orthogonal is refused
 DRIFT_TOL = 4e-6  # re-orthonormalize a matrix whose max |X^T X - I| passes this
@@ -44,9 +44,6 @@ class CayleyState(NamedTuple):
     repaired: jax.Array  # [] int32: steps after which a matrix was re-orthonormalized
 
 
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=EXACT)
-
 
 def _t(x):
     return jnp.swapaxes(x, -1, -2)
@@ -54,19 +51,19 @@ def _t(x):
 
 def skew_gradient(g: jax.Array, x: jax.Array) -> jax.Array:
     """g, x: [..., n, n] -> W = G X^T - X G^T [..., n, n], skew."""
-    return _mm(g, _t(x)) - _mm(x, _t(g))
+    return exact_matmul(g, _t(x)) - exact_matmul(x, _t(g))
 
 
 def cayley_retract(a: jax.Array, x: jax.Array, step) -> jax.Array:
     """a: [..., n, n] skew; x: [..., n, n]; step: scalar or [..., 1, 1] -> (I + step/2 A)^-1 (I - step/2 A) X."""
     eye = jnp.eye(a.shape[-1], dtype=a.dtype)
     half = 0.5 * jnp.asarray(step, a.dtype) * a
-    return jnp.linalg.solve(eye + half, _mm(eye - half, x))
+    return jnp.linalg.solve(eye + half, exact_matmul(eye - half, x))
 
 
 def orthogonality_error(x: jax.Array) -> jax.Array:
     """x: [..., n, n] -> max |X^T X - I| per matrix: [...]."""
-    return jnp.max(jnp.abs(_mm(_t(x), x) - jnp.eye(x.shape[-1], dtype=x.dtype)), axis=(-2, -1))
+    return jnp.max(jnp.abs(exact_matmul(_t(x), x) - jnp.eye(x.shape[-1], dtype=x.dtype)), axis=(-2, -1))
 
 
 def reorthonormalize(x: jax.Array) -> jax.Array:

@@ -21,7 +21,13 @@ Fusion and the eigendecompositions run in float64 NumPy on the host, outside XLA
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-__all__ = ["EXACT"]
+__all__ = ["EXACT", "exact_matmul"]
 
 EXACT = jax.lax.Precision.HIGHEST
+
+
+def exact_matmul(a, b):
+    """``jnp.matmul`` at ``EXACT`` precision (float32 products on every device, no TF32)."""
+    return jnp.matmul(a, b, precision=EXACT)

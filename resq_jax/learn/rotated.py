@@ -1,0 +1,142 @@
+"""A fused model's loss as a function of extra rotations, applied on the fly to its frozen weights.
+
+The rotations refine a recipe's transforms (rotation.transforms.Transforms) without leaving its layout: the
+residual basis becomes ``residual @ Q1`` and every value head's ``value[l, h] @ Q2[l]``, with Q1 and Q2[l]
+block-diagonal over the recipe's subspaces (ResQ: the low-variance block, then the high-variance block kept in
+8 bits; QuaRot / SpinQuant: one full block), so the high-precision channels stay where the quantizers expect
+them. Starting from the fused model of the recipe's transforms (norms folded, untied, down_proj Hadamard fused),
+with x -> x Q1 on the residual stream and v -> v Q2[l] per value head:
+
+    embed E Q1;  lm_head Q1^T W;  q, k, v, gate, up rows Q1^T W;  o, down columns W Q1
+    v columns of each KV head @ Q2[l] (and its bias);  o rows of each query head Q2[l]^T @ (its KV head's)
+
+The model is unchanged in float (RMSNorm gains are folded to 1, so norm(x Q1) = norm(x) Q1): with identity
+hooks the loss does not depend on the rotations (the Riemannian gradient is zero, tests/test_learned_rotations).
+With quantizer hooks it does; they pass gradients straight through the rounding (``StraightThrough``).
+
+``rotated_nll`` runs the layers with ``lax.scan`` over their stacked weights and ``jax.checkpoint`` per layer,
+so the backward pass keeps one layer's activations at a time plus each layer's input.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resq_jax.models.config import ModelConfig
+from resq_jax.models.decoder import IDENTITY, DecoderLayer, SiteHooks, chunked_nll, rms_norm
+from resq_jax.models.rope import inverse_frequencies, rope_tables
+from resq_jax.rotation.transforms import Transforms
+from resq_jax.util.precision import EXACT, exact_matmul
+
+LAYER_KEYS = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "q_bias", "k_bias", "v_bias",
+              "o_bias", "gate_bias", "up_bias", "down_bias", "key_rotation")
+
+
+@dataclasses.dataclass(frozen=True)
+class StraightThrough(SiteHooks):
+    """``inner``'s quantizers in the forward pass, the identity in the backward pass (straight-through)."""
+
+    inner: SiteHooks = IDENTITY
+
+    def __call__(self, site: str, x: jnp.ndarray) -> jnp.ndarray:
+        return x + jax.lax.stop_gradient(self.inner(site, x) - x)
+
+
+def block_diag(blocks: Sequence[jax.Array]) -> jax.Array:
+    """blocks [..., n_i, n_i] (the same leading axes) -> [..., N, N] block-diagonal, N = sum n_i."""
+    n = sum(b.shape[-1] for b in blocks)
+    lead = blocks[0].shape[:-2]
+    out = jnp.zeros((*lead, n, n), blocks[0].dtype)
+    start = 0
+    for b in blocks:
+        k = b.shape[-1]
+        out = out.at[..., start:start + k, start:start + k].set(b)
+        start += k
+    return out
+
+
+def identity_rotations(residual_blocks: Sequence[int], value_blocks: Sequence[int], num_layers: int,
+                       dtype=jnp.float32) -> dict:
+    """The starting point: {"residual": (I [n, n] per block), "value": (I [L, n, n] per block)}."""
+    return {"residual": tuple(jnp.eye(n, dtype=dtype) for n in residual_blocks),
+            "value": tuple(jnp.broadcast_to(jnp.eye(n, dtype=dtype), (num_layers, n, n)) for n in value_blocks)}
+
+
+def stack_layers(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> dict:
+    """A fused model's weights (untied, norms folded) as the frozen input of ``rotated_nll``: the vocabulary tables,
+    the final norm, and {name: [L, ...]} of the layers' arrays (float32), ``down_hadamard`` as an int."""
+    layers = {}
+    for name in LAYER_KEYS:
+        if f"layers.0.{name}" in weights:
+            layers[name] = np.stack([np.asarray(weights[f"layers.{i}.{name}"], np.float32)
+                                     for i in range(config.num_layers)])
+    if "lm_head" not in weights:
+        raise ValueError("rotated_nll needs an untied model (a separate lm_head): fuse the recipe's transforms first")
+    return {"embed": np.asarray(weights["embed"], np.float32), "lm_head": np.asarray(weights["lm_head"], np.float32),
+            "norm": np.asarray(weights["norm"], np.float32), "layers": layers,
+            "down_hadamard": int(weights.get("layers.0.down_hadamard", 0) or 0)}
+
+
+
+def rotate_layer(config: ModelConfig, w: Mapping[str, jax.Array], q1: jax.Array, q2: jax.Array) -> dict:
+    """One layer's arrays (``LAYER_KEYS`` names) with the residual rotated by q1 [d, d] and every value head by
+    q2 [hd, hd] (module docstring)."""
+    kv, hd = config.num_kv_heads, config.head_dim
+    group = config.num_heads // kv
+    out = dict(w)
+    for name in ("q", "k", "v", "gate", "up"):
+        out[name] = exact_matmul(q1.T, w[name])
+    for name in ("o", "down"):
+        out[name] = exact_matmul(w[name], q1)
+        if name + "_bias" in w:
+            out[name + "_bias"] = exact_matmul(w[name + "_bias"], q1)
+    d = config.hidden_size
+    out["v"] = jnp.einsum("dkh,he->dke", out["v"].reshape(d, kv, hd), q2, precision=EXACT).reshape(d, kv * hd)
+    if "v_bias" in w:
+        out["v_bias"] = exact_matmul(w["v_bias"].reshape(kv, hd), q2).reshape(kv * hd)
+    o = out["o"].reshape(kv, group, hd, d)
+    out["o"] = jnp.einsum("he,kgho->kgeo", q2, o, precision=EXACT).reshape(kv * group * hd, d)
+    return out
+
+
+def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: ModelConfig,
+                hooks: SiteHooks = IDENTITY) -> jax.Array:
+    """tokens: [B, T] -> mean next-token cross-entropy per window [B] of the model ``frozen`` (``stack_layers``)
+    with ``rotations`` ({"residual": blocks [n, n], "value": blocks [L, n, n]}) applied on the fly."""
+    q1 = block_diag(rotations["residual"])
+    q2 = block_diag(rotations["value"])  # [L, hd, hd]
+    t = tokens.shape[1]
+    positions = jnp.arange(t)
+    cos, sin = rope_tables(jnp.asarray(inverse_frequencies(config)), positions)
+    x = exact_matmul(jnp.take(jnp.asarray(frozen["embed"]), tokens, axis=0), q1)
+    hadamard = frozen["down_hadamard"]
+
+    @jax.checkpoint
+    def layer(x, xs):
+        w, q2_l = xs
+        rotated = rotate_layer(config, w, q1, q2_l)
+        named = {f"layers.0.{k}": v for k, v in rotated.items()}
+        if hadamard:
+            named["layers.0.down_hadamard"] = hadamard
+        y, _, _ = DecoderLayer(config, named, 0)(x, cos, sin, positions, hooks)
+        return y, None
+
+    x, _ = jax.lax.scan(layer, x, ({k: jnp.asarray(v) for k, v in frozen["layers"].items()}, q2))
+    b, _, d = x.shape
+    h = rms_norm(x, jnp.asarray(frozen["norm"]), config.rms_eps).astype(jnp.float32)[:, :-1].reshape(-1, d)
+    nll = chunked_nll(h, exact_matmul(q1.T, jnp.asarray(frozen["lm_head"])), tokens[:, 1:].reshape(-1), vocab_axis=1)
+    return nll.reshape(b, t - 1).mean(axis=-1)
+
+
+def refined_transforms(t: Transforms, rotations: dict) -> Transforms:
+    """The recipe's transforms with the learned rotations folded in (float64): residual @ Q1, value[l, h] @ Q2[l];
+    fusing these into the float model (rotation.transforms.apply_transforms) gives the weights ``rotated_nll``
+    ran on."""
+    q1 = np.asarray(block_diag([jnp.asarray(b) for b in rotations["residual"]]), np.float64)
+    q2 = np.asarray(block_diag([jnp.asarray(b) for b in rotations["value"]]), np.float64)
+    return dataclasses.replace(t, residual=np.asarray(t.residual, np.float64) @ q1,
+                               value=np.einsum("lkhi,lij->lkhj", np.asarray(t.value, np.float64), q2))
