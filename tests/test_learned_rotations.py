@@ -98,3 +98,75 @@ def test_refined_transforms_fuse_to_the_rotated_weights(fused):
     fused_nll = rotated_nll(ident, again, TOKENS, config=config, hooks=hooks)
     np.testing.assert_allclose(on_the_fly, fused_nll, rtol=2e-3)  # 4-bit codes may flip at float rounding
     assert dataclasses.replace(refined, residual=None, value=None) == dataclasses.replace(t, residual=None, value=None)
+
+
+# --- training -----------------------------------------------------------------------------------------------
+SPEC = ActivationSpec(a_bits=4, kv_bits=4, down_bits=4, high_bits=8, high_residual=8, high_head=2)
+WINDOWS = np.random.default_rng(9).integers(0, 49152, (8, 32))
+
+
+def _train(fused, tmp_path=None, **kw):
+    from resq_jax.learn.train import CayleyConfig, train_rotations
+
+    config, _, _, weights = fused
+    cc = CayleyConfig(**{"steps": 12, "lr": 1.5, "batch_size": 4, "checkpoint_every": 4, **kw})
+    return train_rotations(config, stack_layers(config, weights), identity_rotations((56, 8), (14, 2), config.num_layers),
+                           WINDOWS, StraightThrough(FakeQuantHooks(SPEC)), cc, progress=False,
+                           checkpoint_dir=None if tmp_path is None else tmp_path / "ck")
+
+
+def test_training_lowers_the_quantized_loss_and_stays_orthogonal(fused):
+    """12 steps on 8 windows: the loss of all 8 windows under 4-bit activations falls; every block orthogonal."""
+    config, _, _, weights = fused
+    frozen = stack_layers(config, weights)
+    start = identity_rotations((56, 8), (14, 2), config.num_layers)
+    hooks = StraightThrough(FakeQuantHooks(SPEC))
+    before = float(rotated_nll(start, frozen, jnp.asarray(WINDOWS), config=config, hooks=hooks).mean())
+    res = _train(fused)
+    after = float(rotated_nll(res.rotations, frozen, jnp.asarray(WINDOWS), config=config, hooks=hooks).mean())
+    assert np.all(np.isfinite(res.losses)) and after < before - 0.01, (before, after, res.losses)
+    for x in jax.tree.leaves(res.rotations):
+        eye = jnp.eye(x.shape[-1])
+        assert float(jnp.abs(jnp.swapaxes(x, -1, -2) @ x - eye).max()) <= 1e-5
+
+
+def test_an_interrupted_run_resumes_to_the_same_rotations(fused, tmp_path):
+    """A run stopped after its step-8 checkpoint (steps=8, same schedule) then resumed to 12 equals an
+    uninterrupted 12-step run."""
+    whole = _train(fused)
+    from resq_jax.learn import train as train_mod
+
+    config, _, _, weights = fused
+    # the first run: the same 12-step schedule, interrupted after step 8 (an exception from the progress hook)
+    calls = {"n": 0}
+    real = train_mod.batch_indices
+
+    def stop_after_8(n, b, seed, step):
+        if step == 8:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(n, b, seed, step)
+
+    train_mod.batch_indices = stop_after_8
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _train(fused, tmp_path)
+    finally:
+        train_mod.batch_indices = real
+    assert calls["n"] == 8
+    resumed = _train(fused, tmp_path)
+    assert resumed.resumed_from == 8
+    for a, b in zip(jax.tree.leaves(whole.rotations), jax.tree.leaves(resumed.rotations)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(whole.losses, resumed.losses)
+
+
+def test_a_diverging_learning_rate_stops_with_orthogonal_rotations(fused):
+    from resq_jax.learn.train import CayleyConfig, DivergedError
+
+    with pytest.raises(DivergedError, match=r"diverged at step \d+ of 12 .*lower --cayley-lr") as e:
+        _train(fused, diverge_factor=1.0001, lr=50.0)  # any rise counts as divergence here
+    for x in jax.tree.leaves(e.value.rotations):
+        assert float(jnp.abs(jnp.swapaxes(x, -1, -2) @ x - jnp.eye(x.shape[-1])).max()) <= 1e-5
+    with pytest.raises(ValueError, match="learning rate must be a positive number"):
+        CayleyConfig(lr=float("nan"))

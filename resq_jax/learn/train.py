@@ -1,0 +1,129 @@
+"""Training the rotations: Cayley SGD on the quantized model's next-token loss over calibration windows.
+
+Each step draws ``batch_size`` of the calibration windows (a permutation seeded by (seed, step): the same windows
+whatever happened before, so a resumed run repeats an uninterrupted one exactly), runs ``rotated_nll`` with
+straight-through quantizer hooks, and applies ``cayley_sgd`` under a cosine learning-rate decay. Every
+``checkpoint_every`` steps the rotations, the optimizer state and the losses are saved with orbax (the latest
+kept); a run given the same folder resumes from there. A loss that turns non-finite, or rises above
+``diverge_factor`` times the first step's, stops the run with ``DivergedError`` naming the step; the rotations
+are orthogonal at every step (the optimizer skips non-finite steps), and the last finite ones are reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from resq_jax.learn.rotated import rotated_nll
+from resq_jax.models.config import ModelConfig
+from resq_jax.models.decoder import SiteHooks
+from resq_jax.transforms.cayley import cayley_sgd, check_orthogonal
+from resq_jax.util.progress import progress_bar
+
+
+@dataclasses.dataclass(frozen=True)
+class CayleyConfig:
+    """Defaults from the ResQ / SpinQuant papers: 100 steps, batch 8, lr 1.5 with cosine decay, momentum 0.9."""
+
+    steps: int = 100
+    lr: float = 1.5
+    batch_size: int = 8
+    momentum: float = 0.9
+    seed: int = 0
+    checkpoint_every: int = 10
+    diverge_factor: float = 4.0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"CayleyConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"the Cayley learning rate must be a positive number, got {self.lr!r}")
+
+
+class DivergedError(RuntimeError):
+    """The training loss became non-finite or exploded; ``rotations`` holds the last rotations before it."""
+
+    def __init__(self, message: str, rotations):
+        super().__init__(message)
+        self.rotations = rotations
+
+
+@dataclasses.dataclass
+class TrainResult:
+    rotations: dict
+    losses: np.ndarray  # [steps] mean loss of each step's batch
+    seconds: float
+    resumed_from: int  # the step a checkpoint resumed from (0: a fresh start)
+
+
+def batch_indices(n_windows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The windows of step ``step``: ``batch_size`` distinct indices drawn from (seed, step) alone."""
+    return np.random.default_rng([seed, step]).permutation(n_windows)[:batch_size]
+
+
+def _manager(folder):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(Path(folder).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1))
+
+
+def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows: np.ndarray, hooks: SiteHooks,
+                    cc: CayleyConfig = CayleyConfig(), *, checkpoint_dir: str | Path | None = None,
+                    progress: bool | str = True) -> TrainResult:
+    """Refine ``rotations`` ({"residual": blocks, "value": blocks}, orthogonal) on ``windows`` [N, T]."""
+    import orbax.checkpoint as ocp
+
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or windows.shape[0] < cc.batch_size:
+        raise ValueError(f"training needs at least batch_size = {cc.batch_size} windows [N, T], got {windows.shape}")
+    check_orthogonal(rotations)
+    opt = cayley_sgd(optax.cosine_decay_schedule(cc.lr, cc.steps), momentum=cc.momentum)
+    state = opt.init(rotations)
+    losses = np.full(cc.steps, np.nan)
+    start = 0
+    manager = None if checkpoint_dir is None else _manager(checkpoint_dir)
+    if manager is not None and manager.latest_step() is not None:
+        start = int(manager.latest_step())
+        target = {"rotations": rotations, "opt": state, "losses": losses}
+        got = manager.restore(start, args=ocp.args.StandardRestore(target))
+        rotations, state, losses = got["rotations"], got["opt"], np.asarray(got["losses"])
+
+    @jax.jit
+    def step(rotations, state, tokens):
+        loss, grads = jax.value_and_grad(
+            lambda r: rotated_nll(r, frozen, tokens, config=config, hooks=hooks).mean())(rotations)
+        updates, state = opt.update(grads, state, rotations)
+        return optax.apply_updates(rotations, updates), state, loss
+
+    bar = progress_bar(cc.steps, progress if isinstance(progress, str) else "cayley", unit="step") if progress else None
+    if bar is not None:
+        bar.update(start)
+    t0 = time.perf_counter()
+    first = losses[0] if start else None
+    for k in range(start, cc.steps):
+        tokens = jnp.asarray(windows[batch_indices(len(windows), cc.batch_size, cc.seed, k)], jnp.int32)
+        new_rotations, new_state, loss = step(rotations, state, tokens)
+        loss = float(loss)
+        first = loss if first is None else first
+        if not math.isfinite(loss) or loss > cc.diverge_factor * first:
+            if bar is not None:
+                bar.close()
+            raise DivergedError(f"the rotation training diverged at step {k + 1} of {cc.steps} (loss {loss:.4g}, "
+                                f"first {first:.4g}): lower --cayley-lr (now {cc.lr:g})", rotations)
+        rotations, state, losses[k] = new_rotations, new_state, loss
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+        if manager is not None and ((k + 1) % cc.checkpoint_every == 0 or k + 1 == cc.steps):
+            manager.save(k + 1, args=ocp.args.StandardSave({"rotations": rotations, "opt": state, "losses": losses}))
+            manager.wait_until_finished()
+    if bar is not None:
+        bar.close()
+    return TrainResult(rotations=rotations, losses=losses, seconds=time.perf_counter() - t0, resumed_from=start)
