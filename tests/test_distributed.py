@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -291,3 +292,25 @@ def test_shard_weights_splits_layers_and_keeps_the_numbers(tiny_model):
         whole, split = (np.asarray(v) for v in out[name])
         assert whole.shape == (6,) and np.all(np.isfinite(whole))
         np.testing.assert_allclose(split, whole, rtol=1e-5, err_msg=name)
+
+
+def test_interrupted_process_is_one_line(tiny_model, tmp_path):
+    """Ctrl-C (SIGINT to the process the user started) mid-calibration: it exits with one line; its peer with
+    the failure line naming it; nothing at --out."""
+    procs, out = _job(tiny_model, tmp_path)
+    try:
+        deadline = time.time() + 300
+        while "calibrate:" not in (tmp_path / "p0.err").read_text():
+            assert time.time() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=BOUND_S + 60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    errs = [(tmp_path / f"p{i}.err").read_text() for i in (0, 1)]
+    assert codes == [1, 128 + signal.SIGINT], (codes, [e[-2000:] for e in errs])
+    assert errs[1].strip().splitlines()[-1] == ("error: process 1 was interrupted (SIGINT); the other "
+                                               "processes of the job stop too"), errs[1][-2000:]
+    assert errs[0].strip().splitlines()[-1].startswith("error: "), errs[0][-2000:]
+    assert "Traceback" not in errs[0] + errs[1] and not out.exists() and not list(tmp_path.glob(".ck.partial-*"))

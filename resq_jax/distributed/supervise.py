@@ -9,8 +9,10 @@ barrier until the heartbeat timeout names the dead peer. None of this can be cau
 So each process of a job runs the program as a child (``supervise``) and relays its output. When the child fails,
 the runtime's messages (fatal logs, tracebacks) are read, not shown: the parent prints one line naming what failed
 (``job_failure``) and exits 1, after ``cleanup(child_pid)`` (removing a half-written checkpoint staging folder).
-A failure that is not the job's (a bug) is shown in full. The child dies with its parent (``PR_SET_PDEATHSIG``),
-and SIGINT / SIGTERM are passed on to it.
+A failure that is not the job's (a bug) is shown in full. The child dies with its parent (``PR_SET_PDEATHSIG``)
+and runs in its own process group. SIGINT / SIGTERM (Ctrl-C) to the parent kill the child at once: a child
+interrupted inside the runtime would wait in its shutdown barrier for peers that wait for it; killed, its peers
+see it die and stop within the bound below.
 
 The bound: a process exits at most about ``timeout_s`` (the heartbeat timeout, ``--job-timeout``) plus the
 runtime's polling interval after a peer dies; at once when the dead peer was process 0 or the failure surfaced
@@ -121,10 +123,16 @@ def supervise(command: list[str], *, process_id: int | None, coordinator: str | 
     """Run ``command`` (this program, as a child with CHILD_ENV set) and return its exit status; a job failure
     becomes one ``error: ...`` line on stderr and status 1, after ``cleanup(child pid)``."""
     env = {**os.environ, CHILD_ENV: "1", "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # its own process group: a Ctrl-C reaches the parent alone, which ends the child
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0,
                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    forward = lambda sig, frame: child.send_signal(sig)  # noqa: E731
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupted: list[int] = []
+
+    def stop(sig, frame):
+        interrupted.append(sig)
+        child.kill()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     held: list[bytes] = []
     threads = [threading.Thread(target=_relay_stdout, args=(child.stdout, sys.stdout.buffer), daemon=True),
                threading.Thread(target=_relay_stderr, args=(child.stderr, sys.stderr.buffer, held), daemon=True)]
@@ -138,12 +146,17 @@ def supervise(command: list[str], *, process_id: int | None, coordinator: str | 
         for s, h in previous.items():
             signal.signal(s, h)
     report = b"".join(held).decode(errors="replace")
+    if rc != 0 and cleanup is not None:  # the child is gone: whatever it was writing is a leftover
+        cleanup(child.pid)
+    if interrupted:
+        me = "this process" if process_id is None else f"process {process_id}"
+        print(f"error: {me} was interrupted ({signal.Signals(interrupted[0]).name}); the other processes of the "
+              "job stop too", file=sys.stderr)
+        return 128 + interrupted[0]
     why = job_failure(report, process_id, coordinator, timeout_s) if rc not in (0, 2) else None
     if why is None:
         sys.stderr.write(report)
         sys.stderr.flush()
         return rc if rc >= 0 else 128 - rc
-    if cleanup is not None:
-        cleanup(child.pid)
     print(f"error: {why}", file=sys.stderr)
     return 1
