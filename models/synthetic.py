@@ -77,6 +77,9 @@ SHAPES: dict[str, Shape] = {
 }
 
 
+# Llama-3-70B: Llama-3-8B's vocabulary, rope and tokenizer at 8192 wide, 80 layers, 64 heads with 8 KV heads
+SHAPES["llama-3-70b"] = Shape({**SHAPES["llama-3-8b"].hf_config, "hidden_size": 8192, "intermediate_size": 28672,
+                               "num_hidden_layers": 80, "num_attention_heads": 64}, "smollm2")
 # tiny-llama's layers with SmolLM2's vocabulary and tokenizer: the command-line programs run it in seconds
 SHAPES["tiny-llama-smol"] = Shape({**SHAPES["tiny-llama"].hf_config, "num_hidden_layers": 2, "vocab_size": 49152,
                                    "bos_token_id": 1, "eos_token_id": 2}, "smollm2")
