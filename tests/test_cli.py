@@ -35,7 +35,7 @@ def assert_clean_error(res, *needles):
     (["--high-fraction", "-0.1"], ["high-fraction"]),
     (["--calib-windows", "0"], ["--calib-windows must be a positive integer"]),
     (["--eval-seq-len", "-5"], ["--eval-seq-len must be a positive integer"]),
-    (["--method", "spinquant"], ["unknown method", "resq"]),
+    (["--method", "omniquant"], ["unknown method", "spinquant"]),
     # flags a recipe would ignore are refused, naming the methods that use them
     (["--method", "resq", "--w-format", "int"], ["--w-format does not apply to method 'resq'", "lqer"]),
     (["--method", "resq", "--rank", "16"], ["--rank does not apply", "resq+l2qer"]),
@@ -43,6 +43,12 @@ def assert_clean_error(res, *needles):
     (["--method", "rtn", "--high-bits", "6"], ["--high-bits does not apply", "resq"]),
     (["--weight-quantizer", "rtn", "--act-order"], ["--act-order does not apply to methods rtn, quarot, resq"]),
     (["--method", "resq", "--damp", "0"], ["--damp must be a positive number"]),
+    # learned rotations
+    (["--method", "rtn,gptq", "--cayley-steps", "10"], ["--cayley-steps does not apply to methods rtn, gptq", "spinquant"]),
+    (["--method", "resq", "--cayley-lr", "1.0"], ["--cayley-lr does not apply to method 'resq'", "--cayley-steps N"]),
+    (["--method", "spinquant", "--cayley-lr", "-1"], ["--cayley-lr must be a positive number"]),
+    (["--method", "spinquant", "--cayley-steps", "-3"], ["--cayley-steps must be an integer >= 0"]),
+    (["--method", "resq", "--cayley-steps", "5", "--cayley-windows", "4"], ["--cayley-windows 4 is fewer than the 8"]),
 ])
 def test_quantize_rejects_bad_settings_before_loading(args, needles):
     assert_clean_error(run("quantize.py", "--model", "/nonexistent/model", *args), *needles)

@@ -45,7 +45,7 @@ def test_table_and_json_schema(quantized):
     assert [r["method"] for r in res["runs"]] == ["none", "resq"]
     for r in res["runs"]:
         assert set(r) == {"method", "config", "ppl", "eval_path", "weight_bits", "seconds"}
-        assert set(r["seconds"]) == {"calibrate", "quantize", "evaluate"}
+        assert set(r["seconds"]) == {"calibrate", "train", "quantize", "evaluate"}
         assert list(r["ppl"]) == ["wiki-eval"]
     fp, resq = (r["ppl"]["wiki-eval"] for r in res["runs"])
     assert 5 < fp < 40 and fp < resq < 4 * fp, (fp, resq)

@@ -113,7 +113,7 @@ def run(args) -> int:
             log(f"{name}: ppl {res.ppl:.4f} over {windows.shape[0]} x {windows.shape[1]} tokens "
                 f"({res.tokens_per_second:.0f} tok/s)")
         run = {"method": method, "config": qconfig, "ppl": ppl, "eval_path": eval_path,
-               "seconds": {"calibrate": 0.0, "quantize": 0.0, "evaluate": secs}}
+               "seconds": {"calibrate": 0.0, "train": 0.0, "quantize": 0.0, "evaluate": secs}}
         if main_process:
             print(format_table(source, [run]) if method != "none" else
                   "\n".join([f"model: {source}"] + [f"ppl {k}: {v:.4f}" for k, v in ppl.items()]))

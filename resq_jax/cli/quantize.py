@@ -76,6 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embed-group", type=int, default=None,
                    help="channels per embedding scale, a divisor of the hidden size (default: 64 at <= 4 bits, "
                         "else the whole row)")
+    g = p.add_argument_group("learned rotations (docs/algorithms.md, Learned rotations)")
+    g.add_argument("--cayley-steps", type=int, default=None,
+                   help="Cayley-SGD steps refining the rotations of resq, quarot, resq+l2qer (default 0) and "
+                        "spinquant (default 100) on the calibration windows, activations and KV quantized")
+    g.add_argument("--cayley-lr", type=float, default=None,
+                   help="initial learning rate of those steps, cosine-decayed to 0 (default 1.5, the papers')")
+    g.add_argument("--cayley-windows", type=int, default=None,
+                   help="train on the first N calibration windows (default: all of them)")
+    g.add_argument("--cayley-batch", type=int, default=None, help="windows per training step (default 8)")
     p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
                    help=f"calibration text: a UTF-8 file or a built-in name ({', '.join(BUILTIN_TEXTS)}); "
                         "default %(default)s")
@@ -112,11 +121,13 @@ def quant_configs(args, methods: list[str]) -> list:
     given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     quantizing = [m for m in methods if m != "none"]
     for name in given:
-        if not any(setting_applies(name, m, args.high_fraction, args.weight_quantizer) for m in quantizing):
+        if not any(setting_applies(name, m, args.high_fraction, args.weight_quantizer, args.cayley_steps)
+                   for m in quantizing):
             raise QuantConfigError(not_applicable(name, quantizing))
     configs = [QuantConfig(method="none")]
     for m in quantizing:
-        own = {k: v for k, v in given.items() if setting_applies(k, m, args.high_fraction, args.weight_quantizer)}
+        own = {k: v for k, v in given.items()
+               if setting_applies(k, m, args.high_fraction, args.weight_quantizer, args.cayley_steps)}
         configs.append(QuantConfig(method=m, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
                                    clip_search=args.clip_search, seed=args.seed, embed_bits=args.embed_bits,
                                    embed_group=args.embed_group, **own))
@@ -232,9 +243,11 @@ def run(args) -> int:
         runs.append({"method": qc.method, "config": qc.to_dict(), "ppl": ppl,
                      "eval_path": "packed" if packed else ("fake" if qc.recipe.quantize else "float"),
                      "weight_bits": qm.details.get("weight_bits"),
-                     "seconds": {"calibrate": qm.seconds["calibrate"],
-                                 "quantize": sum(v for k, v in qm.seconds.items() if k != "calibrate"),
+                     "seconds": {"calibrate": qm.seconds["calibrate"], "train": qm.seconds["train"],
+                                 "quantize": sum(v for k, v in qm.seconds.items() if k not in ("calibrate", "train")),
                                  "evaluate": secs}})
+        if "cayley" in qm.details:
+            runs[-1]["cayley"] = qm.details["cayley"]
         last = (qm, packed)
     if main_process:
         print(format_table(loaded.source, runs))

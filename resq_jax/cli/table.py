@@ -46,6 +46,8 @@ def _describe(method: str, cfg: dict) -> str:
                 f" damp={cfg['damp']:g}" if cfg.get("damp", DEFAULT_DAMP) != DEFAULT_DAMP else "")
     if cfg.get("rank"):
         text += f" r{cfg['rank']}"
+    if cfg.get("cayley_steps"):
+        text += f" cayley{cfg['cayley_steps']}@{cfg['cayley_lr']:g}"
     if not off(cfg.get("embed_bits")):
         text += f" E{cfg['embed_bits']}"
     return text

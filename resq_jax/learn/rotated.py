@@ -30,6 +30,7 @@ from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import IDENTITY, DecoderLayer, SiteHooks, chunked_nll, rms_norm
 from resq_jax.models.rope import inverse_frequencies, rope_tables
 from resq_jax.rotation.transforms import Transforms
+from resq_jax.transforms.cayley import reorthonormalize
 from resq_jax.util.precision import EXACT, exact_matmul
 
 LAYER_KEYS = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "q_bias", "k_bias", "v_bias",
@@ -135,8 +136,9 @@ def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: Mod
 def refined_transforms(t: Transforms, rotations: dict) -> Transforms:
     """The recipe's transforms with the learned rotations folded in (float64): residual @ Q1, value[l, h] @ Q2[l];
     fusing these into the float model (rotation.transforms.apply_transforms) gives the weights ``rotated_nll``
-    ran on."""
-    q1 = np.asarray(block_diag([jnp.asarray(b) for b in rotations["residual"]]), np.float64)
-    q2 = np.asarray(block_diag([jnp.asarray(b) for b in rotations["value"]]), np.float64)
+    ran on. The float32 rotations (orthogonal to about 1e-6) are first made orthogonal in float64 (QR), so the
+    refined bases are as exactly orthogonal as the recipe's and the float model stays invariant."""
+    q1 = reorthonormalize(np.asarray(block_diag([jnp.asarray(b) for b in rotations["residual"]]), np.float64))
+    q2 = reorthonormalize(np.asarray(block_diag([jnp.asarray(b) for b in rotations["value"]]), np.float64))
     return dataclasses.replace(t, residual=np.asarray(t.residual, np.float64) @ q1,
                                value=np.einsum("lkhi,lij->lkhj", np.asarray(t.value, np.float64), q2))

@@ -13,7 +13,7 @@ from resq_jax.calibration.statistics import CalibrationStats, calibrate
 from resq_jax.formats.bits import OFF
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.pipeline.recipes import LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe, uses_gptq
+from resq_jax.pipeline.recipes import DEFAULT_CAYLEY_LR, LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe, uses_gptq
 from resq_jax.quant.code_store import CodeStore
 from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
 from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
@@ -90,6 +90,37 @@ def _int_lowrank(config: ModelConfig, w_float: Mapping[str, np.ndarray], w_q: Ma
     return out
 
 
+def cayley_config(qc: QuantConfig):
+    """The training settings of ``qc``'s learned rotations (learn.train.CayleyConfig)."""
+    from resq_jax.learn.train import CayleyConfig
+
+    return CayleyConfig(steps=qc.cayley_steps_used, lr=DEFAULT_CAYLEY_LR if qc.cayley_lr is None else float(qc.cayley_lr),
+                        batch_size=qc.cayley_batch_used, seed=qc.seed)
+
+
+def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Transforms, qc: QuantConfig,
+             calib_windows: np.ndarray | None, progress: bool, log: Callable[[str], None], seconds: dict,
+             details: dict) -> Transforms:
+    """The recipe's transforms refined by Cayley SGD on the calibration windows (resq_jax.learn.refine)."""
+    from resq_jax.learn.refine import refine
+
+    if calib_windows is None:
+        raise QuantConfigError(f"method {qc.method!r} learns its rotations and needs calibration windows")
+    windows = calib_windows if qc.cayley_windows is None else calib_windows[:qc.cayley_windows]
+    if len(windows) < qc.cayley_batch_used:
+        raise QuantConfigError(f"learning the rotations needs at least --cayley-batch {qc.cayley_batch_used} "
+                               f"calibration windows, got {len(windows)}")
+    t0 = time.perf_counter()
+    refined, result = refine(config, w, transforms, activation_spec(config, qc), windows, cayley_config(qc),
+                             progress=f"cayley {qc.method}" if progress else False)
+    seconds["train"] = time.perf_counter() - t0
+    details["cayley"] = {"steps": len(result.losses), "windows": int(len(windows)), "seq_len": int(windows.shape[1]),
+                         "losses": [float(x) for x in result.losses], "seconds": result.seconds}
+    log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "
+        f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    return refined
+
+
 def check_rank(config: ModelConfig, qc: QuantConfig):
     """Fail before any work when the low-rank correction's rank exceeds a linear's min(d_in, d_out)."""
     k = qc.rank_used
@@ -163,7 +194,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     check_rank(config, qc)
     embed_group = check_embed_quantization(config, qc)
     source_config, source_weights = config, weights
-    seconds = {"calibrate": 0.0, "projections": 0.0, "fuse": 0.0, "quantize": 0.0}
+    seconds = {"calibrate": 0.0, "projections": 0.0, "train": 0.0, "fuse": 0.0, "quantize": 0.0}
     details: dict = {}
     codes = CodeStore() if codes is None else codes
     config, w = prepare(config, weights, recipe)
@@ -180,6 +211,8 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     elif recipe.residual == "random_hadamard":
         transforms = quarot_transforms(config, qc.seed)
     seconds["projections"] = time.perf_counter() - t0
+    if qc.cayley_steps_used:
+        transforms = _learned(config, w, transforms, qc, calib_windows, progress, log, seconds, details)
     t0 = time.perf_counter()
     w = apply_transforms(config, w, transforms)
     seconds["fuse"] = time.perf_counter() - t0

@@ -11,6 +11,10 @@
   mxint   LQER's baseline: MXINT weights (w_bits 4) and activations (a_bits 8), no correction
   lqer    mxint + a rank-k correction A B of the weight error from its SVD (docs/algorithms.md, LQER and L2QER)
   l2qer   lqer with the error scaled by the calibration activation magnitudes before the SVD
+  spinquant
+          QuaRot's transforms with the residual rotation and the per-layer value rotations learned by
+          Cayley SGD on the calibration windows (100 steps by default; docs/algorithms.md, Learned
+          rotations); Hadamard on the down_proj input and the keys; GPTQ weights
   resq+l2qer
           ResQ (projections, integer quantizers, GPTQ weights) plus an L2QER correction of the
           quantized weights: A, B in int8, x @ A quantized per token to 8 bits. Neither paper
@@ -47,6 +51,7 @@ class Recipe:
     formats: str = "int"  # "int" (docs/algorithms.md, Quantizers) | "mxint" (docs/algorithms.md, MXINT)
     default_a_bits: int = 4
     default_kv_bits: int = 4
+    default_cayley_steps: int = 0  # Cayley-SGD steps refining the rotations (learn.train); spinquant: 100
 
     @property
     def needs_calibration(self) -> bool:
@@ -65,6 +70,9 @@ RECIPES: dict[str, Recipe] = {
     "quarot": Recipe(fold_norms=True, residual="random_hadamard", value="hadamard", key="hadamard",
                      down_hadamard=True, default_high_fraction=0.0, qk_bits=OFF, weight_quantizer="gptq"),
     "resq": Recipe(**_RESQ),
+    "spinquant": Recipe(fold_norms=True, residual="random_hadamard", value="hadamard", key="hadamard",
+                        down_hadamard=True, default_high_fraction=0.0, qk_bits=OFF, weight_quantizer="gptq",
+                        default_cayley_steps=100),
     "mxint": Recipe(**_MXINT),
     "lqer": Recipe(**_MXINT, lowrank="lqer"),
     "l2qer": Recipe(**_MXINT, lowrank="l2qer"),
@@ -74,21 +82,30 @@ METHODS = tuple(RECIPES)
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
 W_FORMATS = ("mxint", "int")
 DEFAULT_RANK = 32
+# learned rotations (resq_jax.learn.train.CayleyConfig): the papers' settings, 100 steps of batch 8 at lr 1.5
+DEFAULT_CAYLEY_LR = 1.5
+DEFAULT_CAYLEY_BATCH = 8
 LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 
 
 # Settings that only some recipes use. A QuantConfig refuses one its recipe would ignore (a flag accepted
 # and silently dropped is a wrong result nobody notices); the CLI passes each flag to the methods it
 # applies to and refuses a flag that none of the requested methods uses.
-SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size")
+SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size",
+            "cayley_steps", "cayley_lr", "cayley_windows", "cayley_batch")
 DEFAULT_ACT_ORDER = False
 
 
 def setting_applies(name: str, method: str, high_fraction: float | None = None,
-                    weight_quantizer: str | None = None) -> bool:
+                    weight_quantizer: str | None = None, cayley_steps: int | None = None) -> bool:
     """Whether recipe ``method`` uses setting ``name`` (one of SETTINGS), given the other settings."""
     r = RECIPES[method]
     integer = r.quantize and r.formats == "int"
+    if name == "cayley_steps":
+        return integer and r.residual != "none"
+    if name in ("cayley_lr", "cayley_windows", "cayley_batch"):
+        steps = r.default_cayley_steps if cayley_steps is None else cayley_steps
+        return integer and r.residual != "none" and steps > 0
     if name in ("high_fraction", "weight_quantizer"):
         return integer
     if name == "high_bits":
@@ -111,6 +128,10 @@ _WHY = {
     "rank": "it has no low-rank correction",
     "w_format": "its weights are per-channel integers or float",
     "group_size": "its weights are per-channel integers or float",
+    "cayley_steps": "it has no rotations to learn",
+    "cayley_lr": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
+    "cayley_windows": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
+    "cayley_batch": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
 }
 
 
@@ -143,6 +164,10 @@ class QuantConfig:
     group_size: int | None = None  # rows per weight scale group along d_in ("int" LQER weights: 128)
     embed_bits: int = OFF  # embeddings and lm_head (resq_jax.quant.embeddings); 16 keeps them in float (the papers)
     embed_group: int | None = None  # channels per embedding scale (None: 64 at <= 4 bits, else the row)
+    cayley_steps: int | None = None  # Cayley-SGD steps refining the rotations (None: the recipe's, 100 for spinquant)
+    cayley_lr: float | None = None  # their initial learning rate, cosine-decayed (None: 1.5)
+    cayley_windows: int | None = None  # the first N calibration windows train them (None: all)
+    cayley_batch: int | None = None  # windows per step (None: 8)
 
     def __post_init__(self):
         if self.method not in RECIPES:
@@ -151,7 +176,7 @@ class QuantConfig:
         for name in SETTINGS:
             value = getattr(self, name)
             if value is not None and not setting_applies(name, self.method, self.high_fraction,
-                                                                        self.weight_quantizer):
+                                                         self.weight_quantizer, self.cayley_steps):
                 raise QuantConfigError(not_applicable(name, [self.method]))
         if self.high_bits is None:
             object.__setattr__(self, "high_bits", 8)
@@ -188,6 +213,32 @@ class QuantConfig:
             raise QuantConfigError(f"unknown weight quantizer {self.weight_quantizer!r}; choose one of "
                                    f"{', '.join(WEIGHT_QUANTIZERS)}")
         self._check_lowrank(r)
+        self._check_cayley()
+
+    def _check_cayley(self):
+        for name in ("cayley_steps", "cayley_windows", "cayley_batch"):
+            v = getattr(self, name)
+            low = 0 if name == "cayley_steps" else 1
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise QuantConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+        lr = self.cayley_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr)
+                               or not lr > 0):
+            raise QuantConfigError(f"--cayley-lr must be a positive number (the papers use 1.5), got {lr!r}")
+        if self.cayley_windows is not None and self.cayley_windows < self.cayley_batch_used:
+            raise QuantConfigError(f"--cayley-windows {self.cayley_windows} is fewer than the {self.cayley_batch_used} "
+                                   "windows of one step (--cayley-batch); give at least that many")
+
+    @property
+    def cayley_steps_used(self) -> int:
+        """Cayley-SGD steps refining the rotations (0: the recipe's rotations as they are)."""
+        if not setting_applies("cayley_steps", self.method):
+            return 0
+        return self.recipe.default_cayley_steps if self.cayley_steps is None else int(self.cayley_steps)
+
+    @property
+    def cayley_batch_used(self) -> int:
+        return DEFAULT_CAYLEY_BATCH if self.cayley_batch is None else int(self.cayley_batch)
 
     def _check_lowrank(self, r: Recipe):
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0):
@@ -235,6 +286,12 @@ class QuantConfig:
         d["high_fraction"] = self.fraction
         d["weight_quantizer"] = self.weights_by if self.recipe.formats == "int" else "rtn"
         d["rank"] = self.rank_used
+        d["cayley_steps"] = self.cayley_steps_used
+        if self.cayley_steps_used:
+            d["cayley_lr"] = DEFAULT_CAYLEY_LR if self.cayley_lr is None else float(self.cayley_lr)
+            d["cayley_batch"] = self.cayley_batch_used
+        else:
+            d["cayley_lr"] = d["cayley_windows"] = d["cayley_batch"] = None
         if not uses_gptq(self):
             d["act_order"] = d["damp"] = None
         if self.recipe.formats == "mxint":

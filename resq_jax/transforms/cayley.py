@@ -67,9 +67,11 @@ def orthogonality_error(x: jax.Array) -> jax.Array:
 
 
 def reorthonormalize(x: jax.Array) -> jax.Array:
-    """x: [..., n, n] nearly orthogonal -> Q of X = QR with R's diagonal made positive (Q = X up to rounding)."""
-    q, r = jnp.linalg.qr(x)
-    return q * jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(x.dtype)[..., None, :]
+    """x: [..., n, n] nearly orthogonal -> Q of X = QR with R's diagonal made positive (Q = X up to rounding).
+    A NumPy array is factored by NumPy in its own dtype (float64 stays float64), a JAX array by JAX."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    q, r = xp.linalg.qr(x)
+    return q * xp.where(xp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(x.dtype)[..., None, :]
 
 
 def check_orthogonal(params, tol: float = INIT_TOL) -> None:
