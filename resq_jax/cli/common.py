@@ -48,6 +48,61 @@ def add_eval_args(p: argparse.ArgumentParser, default_windows: int = 40):
                         "layers too large for one device; perplexity equal within float32 rounding")
 
 
+def add_task_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("lm-evaluation-harness tasks (pip install 'resq-jax[eval]'; resq_jax/eval/harness.py)")
+    g.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks scored for each model, e.g. cloze-wiki,nextsent-wiki (offline, "
+                        "built from the evaluation text) or hub tasks such as arc_easy,piqa (need network access)")
+    g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    g.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    g.add_argument("--include-path", action="append", default=None,
+                   help="a folder of your own lm-eval task YAMLs (repeatable), as lm-eval's --include_path")
+
+
+def task_list(args) -> list[str]:
+    """The --tasks names; checks that lm-eval is installed and the numbers are sane, before any heavy work."""
+    if not args.tasks:
+        for name in ("num_fewshot", "limit", "include_path"):
+            if getattr(args, name) is not None:
+                raise UserError(f"--{name.replace('_', '-')} applies to --tasks; add --tasks NAMES")
+        return []
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError("--tasks needs lm-evaluation-harness: pip install 'resq-jax[eval]' (lm-eval 0.4)") from None
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    check_positive(args, *(["limit"] if args.limit is not None else []))
+    for folder in args.include_path or []:
+        if not os.path.isdir(folder):
+            raise UserError(f"--include-path {folder} is not a folder of task YAMLs")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from resq_jax.eval.harness import task_manager
+
+    try:
+        task_manager(tasks, args.include_path)
+    except ValueError as e:
+        raise UserError(f"--tasks: {e}") from None
+    return tasks
+
+
+def task_scores(args, tasks: list[str], resolved, log) -> dict:
+    """lm-eval scores of ``resolved`` (eval.harness.Resolved) on ``tasks`` (eval.harness.run_tasks)."""
+    if not tasks:
+        return {}
+    from resq_jax.eval.harness import ResqJaxLM, run_tasks
+
+    try:
+        scores = run_tasks(ResqJaxLM(resolved=resolved, batch_size=args.batch_size), tasks,
+                           num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path,
+                           seed=getattr(args, "seed", 0))
+    except ValueError as e:
+        raise UserError(f"--tasks: {e}") from None
+    for task, s in scores.items():
+        log(f"{resolved.description} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items()))
+    return scores
+
+
 def add_job_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("multi-process jobs (docs/architecture.md, Distributed jobs)")
     g.add_argument("--coordinator", default=None,

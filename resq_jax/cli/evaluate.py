@@ -17,11 +17,14 @@ from resq_jax.cli.common import (
     add_eval_args,
     add_job_args,
     add_model_args,
+    add_task_args,
     check_positive,
     eval_sets,
     guarded,
     load,
     start,
+    task_list,
+    task_scores,
 )
 from resq_jax.cli.table import format_table
 from resq_jax.util.files import write_json_atomic
@@ -38,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None, help="greedily continue this prompt and print the text")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate for --prompt")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. only generate)")
+    add_task_args(p)
     add_job_args(p)
     p.set_defaults(model=None)  # None: the default model, or the checkpoint's own
     return p.parse_args(argv)
@@ -49,6 +53,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     check_positive(args, "eval_windows", "eval_seq_len", "batch_size", "max_new_tokens")
+    tasks = task_list(args)
     main_process = start(args)  # join a multi-process job (a no-op for one process) before any JAX call
     if not main_process:  # process 0 alone reports and writes --json
         args.quiet, args.json = True, None
@@ -100,10 +105,10 @@ def run(args) -> int:
         if main_process:
             print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
 
+    ppl, secs = {}, 0.0
     if evals:
         from resq_jax.eval.perplexity import perplexity
 
-        ppl, secs = {}, 0.0
         for name, windows in evals.items():
             res = perplexity(LayerStreamer.from_weights(config, weights), windows, batch_size=args.batch_size,
                              hooks=hooks, progress=False if args.quiet else f"eval {name}",
@@ -112,10 +117,20 @@ def run(args) -> int:
             secs += res.seconds
             log(f"{name}: ppl {res.ppl:.4f} over {windows.shape[0]} x {windows.shape[1]} tokens "
                 f"({res.tokens_per_second:.0f} tok/s)")
+    scores = {}
+    if tasks:
+        from resq_jax.eval.harness import Resolved
+
+        t0 = time.perf_counter()
+        scores = task_scores(args, tasks, Resolved(config, weights, hooks, tokenizer, f"{method}", new_cache), log)
+        secs += time.perf_counter() - t0
+    if evals or tasks:
         run = {"method": method, "config": qconfig, "ppl": ppl, "eval_path": eval_path,
                "seconds": {"calibrate": 0.0, "train": 0.0, "quantize": 0.0, "evaluate": secs}}
+        if scores:
+            run["tasks"] = scores
         if main_process:
-            print(format_table(source, [run]) if method != "none" else
+            print(format_table(source, [run]) if method != "none" or scores else
                   "\n".join([f"model: {source}"] + [f"ppl {k}: {v:.4f}" for k, v in ppl.items()]))
         if args.json:
             write_json_atomic(args.json, {"model": source, "runs": [run],

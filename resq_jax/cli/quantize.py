@@ -16,11 +16,14 @@ from resq_jax.cli.common import (
     add_eval_args,
     add_job_args,
     add_model_args,
+    add_task_args,
     check_positive,
     eval_sets,
     guarded,
     load,
     start,
+    task_list,
+    task_scores,
 )
 from resq_jax.cli.table import format_table
 from resq_jax.util.files import write_json_atomic
@@ -103,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="save the last method's quantized model, packed (int4/int8 codes, scales, projections, "
                         "config, tokenizer), to this folder; scripts/evaluate.py --checkpoint runs it")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
+    add_task_args(p)
     add_job_args(p)
     return p.parse_args(argv)
 
@@ -143,6 +147,7 @@ def run(args) -> int:
 
     # --- every check before any work -------------------------------------------------------
     check_positive(args, "calib_windows", "calib_seq_len", "eval_windows", "eval_seq_len", "batch_size")
+    tasks = task_list(args)
     try:
         configs = quant_configs(args, method_list(args))
     except QuantConfigError as e:
@@ -240,12 +245,15 @@ def run(args) -> int:
             secs += res.seconds
             log(f"{qc.method} {name}: ppl {res.ppl:.3f} ({res.tokens_per_second:.0f} tok/s)")
         del model  # the evaluated model's device head and layer cache go now, before the next method
+        scores = task_scores(args, tasks, _resolved(qm, packed, loaded.tokenizer), log) if tasks else {}
         runs.append({"method": qc.method, "config": qc.to_dict(), "ppl": ppl,
                      "eval_path": "packed" if packed else ("fake" if qc.recipe.quantize else "float"),
                      "weight_bits": qm.details.get("weight_bits"),
                      "seconds": {"calibrate": qm.seconds["calibrate"], "train": qm.seconds["train"],
                                  "quantize": sum(v for k, v in qm.seconds.items() if k not in ("calibrate", "train")),
                                  "evaluate": secs}})
+        if scores:
+            runs[-1]["tasks"] = scores
         if "cayley" in qm.details:
             runs[-1]["cayley"] = qm.details["cayley"]
         last = (qm, packed)
@@ -270,6 +278,19 @@ def run(args) -> int:
 
     barrier("quantize: outputs written")  # the other processes exit once process 0 has written --out
     return 0
+
+
+def _resolved(qm, packed, tokenizer):
+    """The lm-eval adapter's view of a method's model: the packed runtime's when it ran, else the fake-quant one."""
+    from resq_jax.eval.harness import Resolved
+
+    if packed is None:
+        return Resolved(qm.config, qm.weights, qm.hooks, tokenizer, qm.qconfig.method)
+    from resq_jax.runtime.kv_cache import init_packed_cache
+    from resq_jax.runtime.pack import packed_weights
+
+    return Resolved(packed.config, packed_weights(packed), packed.hooks, tokenizer, qm.qconfig.method,
+                    lambda n: init_packed_cache(packed.config, packed.spec, 1, n))
 
 
 def _calibration_windows(args, tokenizer):

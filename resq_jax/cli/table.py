@@ -1,4 +1,5 @@
-"""The printed perplexity table: one row per run, one column per text, labels that describe what ran.
+"""The printed results table: one row per run, one column per text and per lm-eval task metric, labels that
+describe what ran.
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ def format_table(model: str, runs: list[dict], baseline: str = "none") -> str:
     """Plain-text perplexity table, one row per run, one column per text (+ ratio to fp)."""
     texts = list(dict.fromkeys(t for r in runs for t in r["ppl"]))
     base = next((r["ppl"] for r in runs if r["method"] == baseline), None)
+    scores = list(dict.fromkeys((t, m) for r in runs for t, s in r.get("tasks", {}).items() for m in s["metrics"]))
     header = ["method", "config", "w bits", "eval"] + [f"ppl {t}" for t in texts] + (
-        [f"x fp ({texts[0]})"] if base else [])
+        [f"x fp ({texts[0]})"] if base else []) + [f"{t} {m}" for t, m in scores]
     rows = []
     for r in runs:
         cfg = r["config"]
@@ -20,6 +22,7 @@ def format_table(model: str, runs: list[dict], baseline: str = "none") -> str:
         row += [_fmt(r["ppl"].get(t)) for t in texts]
         if base:
             row.append(f"{r['ppl'][texts[0]] / base[texts[0]]:.2f}")
+        row += [_score(r.get("tasks", {}).get(t), m) for t, m in scores]
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -51,6 +54,15 @@ def _describe(method: str, cfg: dict) -> str:
     if not off(cfg.get("embed_bits")):
         text += f" E{cfg['embed_bits']}"
     return text
+
+
+def _score(task: dict | None, metric: str) -> str:
+    """A task metric as lm-eval reports it, value +- its standard error: 0.550+-0.080 (perplexities 8.84+-4.44)."""
+    if task is None or metric not in task["metrics"]:
+        return "-"
+    v, e = task["metrics"][metric], task["stderr"].get(metric)
+    digits = 2 if abs(v) >= 2 else 3
+    return f"{v:.{digits}f}" + ("" if e is None else f"+-{e:.{digits}f}")
 
 
 def _label(method: str) -> str:

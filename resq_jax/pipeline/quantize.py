@@ -114,7 +114,7 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
     refined, result = refine(config, w, transforms, activation_spec(config, qc), windows, cayley_config(qc),
                              progress=f"cayley {qc.method}" if progress else False)
     seconds["train"] = time.perf_counter() - t0
-    details["cayley"] = {"steps": len(result.losses), "windows": int(len(windows)), "seq_len": int(windows.shape[1]),
+    details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
