@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness model "resq-jax" (resq_jax/eval/harness.py) against lm-eval's own HF backend
+"""The lm-evaluation-harness model "resq-jax" (resq_jax/cli/harness.py) against lm-eval's own HF backend
 (transformers + torch reading the same GGUF) on SmolLM2, and the offline tasks built from the evaluation text."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 
 from resq_jax.data.texts import DEFAULT_EVAL_TEXT, load_text
-from resq_jax.eval.harness import ResqJaxLM, run_tasks
+from resq_jax.cli.harness import ResqJaxLM, run_tasks
 from resq_jax.eval.local_tasks import cloze_docs, next_sentence_docs, sentences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def test_local_tasks_equal_hf_backend(ours, hf):
     1e-4 of the HF backend's on the same documents."""
     from lm_eval.evaluator import simple_evaluate
 
-    from resq_jax.eval.harness import task_manager
+    from resq_jax.cli.harness import task_manager
 
     tasks = ["cloze-wiki", "nextsent-wiki"]
     mine = run_tasks(ours, tasks, limit=16)

@@ -49,7 +49,7 @@ def add_eval_args(p: argparse.ArgumentParser, default_windows: int = 40):
 
 
 def add_task_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("lm-evaluation-harness tasks (pip install 'resq-jax[eval]'; resq_jax/eval/harness.py)")
+    g = p.add_argument_group("lm-evaluation-harness tasks (pip install 'resq-jax[eval]'; resq_jax/cli/harness.py)")
     g.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks scored for each model, e.g. cloze-wiki,nextsent-wiki (offline, "
                         "built from the evaluation text) or hub tasks such as arc_easy,piqa (need network access)")
@@ -77,7 +77,7 @@ def task_list(args) -> list[str]:
         if not os.path.isdir(folder):
             raise UserError(f"--include-path {folder} is not a folder of task YAMLs")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    from resq_jax.eval.harness import task_manager
+    from resq_jax.cli.harness import task_manager
 
     try:
         task_manager(tasks, args.include_path)
@@ -87,10 +87,10 @@ def task_list(args) -> list[str]:
 
 
 def task_scores(args, tasks: list[str], resolved, log) -> dict:
-    """lm-eval scores of ``resolved`` (eval.harness.Resolved) on ``tasks`` (eval.harness.run_tasks)."""
+    """lm-eval scores of ``resolved`` (cli.harness.Resolved) on ``tasks`` (cli.harness.run_tasks)."""
     if not tasks:
         return {}
-    from resq_jax.eval.harness import ResqJaxLM, run_tasks
+    from resq_jax.cli.harness import ResqJaxLM, run_tasks
 
     try:
         scores = run_tasks(ResqJaxLM(resolved=resolved, batch_size=args.batch_size), tasks,

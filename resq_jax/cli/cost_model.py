@@ -92,7 +92,7 @@ def seconds(lc: LayerCost, gpus: int, rates: Rates = Rates()) -> float:
     return per * lc.layers
 
 
-def _fmt(s: float) -> str:
+def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{max(s / 60, 1):.0f} min"
 
 
@@ -101,8 +101,8 @@ def table(shapes: list[str], tokens: int, gpus: list[int], rates: Rates = Rates(
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in shapes:
         lc = layer_cost(s, tokens)
-        cells = [s, f"{lc.host_bytes / 1e9:.1f} GB", f"{lc.device_bytes / 1e9:.1f} GB", _fmt(seconds(lc, 0, rates))]
-        rows.append("| " + " | ".join(cells + [_fmt(seconds(lc, g, rates)) for g in gpus]) + " |")
+        cells = [s, f"{lc.host_bytes / 1e9:.1f} GB", f"{lc.device_bytes / 1e9:.1f} GB", _duration(seconds(lc, 0, rates))]
+        rows.append("| " + " | ".join(cells + [_duration(seconds(lc, g, rates)) for g in gpus]) + " |")
     return "\n".join(rows)
 
 

@@ -119,7 +119,7 @@ def run(args) -> int:
                 f"({res.tokens_per_second:.0f} tok/s)")
     scores = {}
     if tasks:
-        from resq_jax.eval.harness import Resolved
+        from resq_jax.cli.harness import Resolved
 
         t0 = time.perf_counter()
         scores = task_scores(args, tasks, Resolved(config, weights, hooks, tokenizer, f"{method}", new_cache), log)

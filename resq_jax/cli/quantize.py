@@ -282,7 +282,7 @@ def run(args) -> int:
 
 def _resolved(qm, packed, tokenizer):
     """The lm-eval adapter's view of a method's model: the packed runtime's when it ran, else the fake-quant one."""
-    from resq_jax.eval.harness import Resolved
+    from resq_jax.cli.harness import Resolved
 
     if packed is None:
         return Resolved(qm.config, qm.weights, qm.hooks, tokenizer, qm.qconfig.method)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from resq_jax.cli.common import UserError, guarded, load
+from resq_jax.cli.table import method_label
 
 DEFAULT_WINDOWS = 4
 
@@ -200,7 +201,7 @@ def _result_figures(res: dict) -> list:
         for j, t in enumerate(texts):
             vals = [r["ppl"].get(t, np.nan) for r in runs]
             ax.bar(np.arange(len(runs)) + j * width, vals, width, label=t)
-        ax.set_xticks(np.arange(len(runs)) + width * (len(texts) - 1) / 2, [_label(r) for r in runs])
+        ax.set_xticks(np.arange(len(runs)) + width * (len(texts) - 1) / 2, [method_label(r['method']) for r in runs])
         ax.set_yscale("log")
         ax.set_ylabel("perplexity (log scale)")
         ax.legend()
@@ -214,7 +215,7 @@ def _result_figures(res: dict) -> list:
         for j, r in enumerate(runs):
             vals = [r.get("tasks", {}).get(t, {}).get("metrics", {}).get(m, np.nan) for t, m in scores]
             errs = [r.get("tasks", {}).get(t, {}).get("stderr", {}).get(m) or 0.0 for t, m in scores]
-            ax.bar(np.arange(len(scores)) + j * width, vals, width, yerr=errs, capsize=3, label=_label(r))
+            ax.bar(np.arange(len(scores)) + j * width, vals, width, yerr=errs, capsize=3, label=method_label(r['method']))
         ax.set_xticks(np.arange(len(scores)) + width * (len(runs) - 1) / 2, [f"{t}\n{m}" for t, m in scores])
         ax.set_ylim(0, 1)
         ax.set_ylabel("score (fraction)")
@@ -227,7 +228,7 @@ def _result_figures(res: dict) -> list:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for r in trained:
             ax.plot(np.arange(1, len(r["cayley"]["losses"]) + 1), r["cayley"]["losses"], marker="o", markersize=3,
-                    label=_label(r))
+                    label=method_label(r['method']))
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats per token)")
         ax.legend()
@@ -237,10 +238,6 @@ def _result_figures(res: dict) -> list:
     return figs
 
 
-def _label(run: dict) -> str:
-    return "fp" if run["method"] == "none" else run["method"]
-
-
 # --- the page -------------------------------------------------------------------------------------------------
 def _page(res: dict, figures: list) -> str:
     from resq_jax.cli.table import format_table
@@ -248,7 +245,7 @@ def _page(res: dict, figures: list) -> str:
     esc = html.escape
     rows = []
     for r in res["runs"]:
-        cells = [_label(r), json.dumps({k: v for k, v in r.get("config", {}).items() if v is not None}),
+        cells = [method_label(r['method']), json.dumps({k: v for k, v in r.get("config", {}).items() if v is not None}),
                  " ".join(f"{t}: {v:.3f}" for t, v in r.get("ppl", {}).items())]
         rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     blocks = []

@@ -17,12 +17,12 @@ def format_table(model: str, runs: list[dict], baseline: str = "none") -> str:
     for r in runs:
         cfg = r["config"]
         bits = r.get("weight_bits")
-        row = [_label(r["method"]), _describe(r["method"], cfg), "-" if bits is None else f"{bits:.2f}",
+        row = [method_label(r["method"]), _describe(r["method"], cfg), "-" if bits is None else f"{bits:.2f}",
                r.get("eval_path", "-")]
         row += [_fmt(r["ppl"].get(t)) for t in texts]
         if base:
             row.append(f"{r['ppl'][texts[0]] / base[texts[0]]:.2f}")
-        row += [_score(r.get("tasks", {}).get(t), m) for t, m in scores]
+        row += [_task_cell(r.get("tasks", {}).get(t), m) for t, m in scores]
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -56,7 +56,7 @@ def _describe(method: str, cfg: dict) -> str:
     return text
 
 
-def _score(task: dict | None, metric: str) -> str:
+def _task_cell(task: dict | None, metric: str) -> str:
     """A task metric as lm-eval reports it, value +- its standard error: 0.550+-0.080 (perplexities 8.84+-4.44)."""
     if task is None or metric not in task["metrics"]:
         return "-"
@@ -65,7 +65,7 @@ def _score(task: dict | None, metric: str) -> str:
     return f"{v:.{digits}f}" + ("" if e is None else f"+-{e:.{digits}f}")
 
 
-def _label(method: str) -> str:
+def method_label(method: str) -> str:
     return "fp" if method == "none" else method
 
 

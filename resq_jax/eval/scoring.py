@@ -32,7 +32,7 @@ def bucket_length(n: int, limit: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hooks"))
-def _score(graphdef, state, tokens, targets, hooks):
+def _score_batch(graphdef, state, tokens, targets, hooks):
     """tokens, targets: [B, T] -> (log p(targets) [B, T] float32, targets are the arg-max [B, T] bool)."""
     model = nnx.merge(graphdef, state)
     logits, _ = model(tokens, hooks=hooks)
@@ -64,7 +64,7 @@ class Scorer:
                     raise ValueError(f"inputs and targets must be equally long and non-empty, got {len(inp)} "
                                      f"and {len(tgt)}")
                 tokens[row, :len(inp)], targets[row, :len(tgt)] = inp, tgt
-            logp, greedy = _score(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(targets), self.hooks)
+            logp, greedy = _score_batch(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(targets), self.hooks)
             logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
             for row, i in enumerate(idx):
                 n = len(pairs[i][0])

@@ -29,6 +29,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from resq_jax.eval import local_tasks
 from resq_jax.eval.scoring import Scorer
 from resq_jax.models.decoder import IDENTITY, from_weights
 
@@ -202,7 +203,7 @@ class ResqJaxLM(TemplateLM):
         return out
 
 
-TASKS_DIR = Path(__file__).with_name("tasks")  # the offline tasks (eval/local_tasks.py)
+TASKS_DIR = Path(local_tasks.__file__).with_name("tasks")  # the offline tasks (eval/local_tasks.py)
 BOOTSTRAP_ITERS = 1000  # resamples for the standard error of a perplexity-like metric (lm-eval's default: 100000)
 LOCAL_TASKS = ("cloze-wiki", "nextsent-wiki")
 
