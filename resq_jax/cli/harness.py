@@ -170,7 +170,7 @@ class ResqJaxLM(TemplateLM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]
+            ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]  # room for the new tokens
             cache = None if self.resolved.new_cache is None else self.resolved.new_cache(len(ids) + max_new)
             new = generate_greedy(self._decoder, np.asarray(ids), max_new, hooks=self.resolved.hooks,
                                   eos_token_id=self.eot_token_id, cache=cache)
@@ -187,7 +187,6 @@ class ResqJaxLM(TemplateLM):
         from resq_jax.util.progress import progress_bar
 
         bar = None if disable_tqdm else progress_bar(len(pairs), what, unit="req")
-        out = []
         chunk = self.scorer.batch_size * 16  # a bar update every 16 batches; sorting happens within a chunk
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
         by_pos: dict[int, Any] = {}
@@ -199,8 +198,7 @@ class ResqJaxLM(TemplateLM):
                 bar.update(len(idx))
         if bar is not None:
             bar.close()
-        out = [by_pos[i] for i in range(len(pairs))]
-        return out
+        return [by_pos[i] for i in range(len(pairs))]
 
 
 TASKS_DIR = Path(local_tasks.__file__).with_name("tasks")  # the offline tasks (eval/local_tasks.py)
