@@ -45,6 +45,15 @@ class Resolved:
     description: str
     new_cache: Callable[[int], list] | None = None  # (positions) -> an empty cache; None: the float cache
 
+    @classmethod
+    def packed(cls, pm, tokenizer, description: str) -> "Resolved":
+        """A PackedModel run by the packed runtime, generating through its quantized KV cache."""
+        from resq_jax.runtime.kv_cache import init_packed_cache
+        from resq_jax.runtime.pack import packed_weights
+
+        return cls(pm.config, packed_weights(pm), pm.hooks, tokenizer, description,
+                   lambda n: init_packed_cache(pm.config, pm.spec, 1, n))
+
 
 def resolve(*, model: str | None = None, method: str = "none", checkpoint: str | None = None,
             calib_windows: int = 64, calib_seq_len: int = 512, seed: int = 0, calib_text: str | None = None,
@@ -56,16 +65,10 @@ def resolve(*, model: str | None = None, method: str = "none", checkpoint: str |
         if method != "none" or settings:
             raise ValueError("checkpoint= runs the checkpoint's own recipe; drop method= and its settings")
         from resq_jax.runtime.checkpoint import LoadedPacked, load_checkpoint
-        from resq_jax.runtime.kv_cache import init_packed_cache
-        from resq_jax.runtime.pack import packed_weights
-
         ckpt = load_checkpoint(checkpoint, expect_config=None if model is None else load_model(model).config)
         if not isinstance(ckpt, LoadedPacked):
             return Resolved(ckpt.config, ckpt.weights, ckpt.hooks, ckpt.tokenizer, f"{checkpoint} (fake quant)")
-        pm = ckpt.model
-        return Resolved(pm.config, packed_weights(pm), pm.hooks, ckpt.tokenizer,
-                        f"{checkpoint} ({pm.qconfig.method}, packed)",
-                        lambda n: init_packed_cache(pm.config, pm.spec, 1, n))
+        return Resolved.packed(ckpt.model, ckpt.tokenizer, f"{checkpoint} ({ckpt.model.qconfig.method}, packed)")
     loaded = load_model(model or "smollm2")
     if loaded.tokenizer is None:
         raise ValueError(f"model {loaded.source} has no tokenizer files")
@@ -78,8 +81,7 @@ def resolve(*, model: str | None = None, method: str = "none", checkpoint: str |
     from resq_jax.data.windows import tokenize
     from resq_jax.pipeline.quantize import quantize_model
     from resq_jax.pipeline.recipes import QuantConfig
-    from resq_jax.runtime.kv_cache import init_packed_cache
-    from resq_jax.runtime.pack import packed_weights, try_pack
+    from resq_jax.runtime.pack import try_pack
 
     qc = QuantConfig(method=method, seed=seed, **settings)
     windows = sample(tokenize(load_text(calib_text or DEFAULT_CALIB_TEXT).text, loaded.tokenizer), calib_windows,
@@ -88,8 +90,7 @@ def resolve(*, model: str | None = None, method: str = "none", checkpoint: str |
     packed, _ = try_pack(qm)
     if packed is None:
         return Resolved(qm.config, qm.weights, qm.hooks, loaded.tokenizer, f"{loaded.source} ({method}, fake quant)")
-    return Resolved(packed.config, packed_weights(packed), packed.hooks, loaded.tokenizer,
-                    f"{loaded.source} ({method}, packed)", lambda n: init_packed_cache(packed.config, packed.spec, 1, n))
+    return Resolved.packed(packed, loaded.tokenizer, f"{loaded.source} ({method}, packed)")
 
 
 @register_model("resq-jax")

@@ -286,11 +286,7 @@ def _resolved(qm, packed, tokenizer):
 
     if packed is None:
         return Resolved(qm.config, qm.weights, qm.hooks, tokenizer, qm.qconfig.method)
-    from resq_jax.runtime.kv_cache import init_packed_cache
-    from resq_jax.runtime.pack import packed_weights
-
-    return Resolved(packed.config, packed_weights(packed), packed.hooks, tokenizer, qm.qconfig.method,
-                    lambda n: init_packed_cache(packed.config, packed.spec, 1, n))
+    return Resolved.packed(packed, tokenizer, qm.qconfig.method)
 
 
 def _calibration_windows(args, tokenizer):
