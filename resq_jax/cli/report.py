@@ -1,13 +1,17 @@
 """A self-contained HTML report of a quantize.py results JSON: what quantization did, in plots.
 
     python scripts/report.py results.json --out report/        (pip install -e ".[report]": matplotlib)
+    python scripts/report.py results.json --checkpoint ckpt/ --out report/
 
-report/index.html holds every plot inline (PNG, also written beside it) and reads without the code:
+report/index.html holds every plot inline (PNG, also written beside it; the measured numbers in measurements.json)
+and reads without the code:
   - activation magnitude per channel at one layer's attention input, float model against each rotating method's
     transformed model (ResQ's figure: the outlier channels spread out, the high-variance subspace last);
   - the activation quantizers' SNR (dB) per layer and site for each integer method, measured on a few windows of
     the evaluation text with the method's transforms (from the same calibration text, windows and seed as the
     run, fewer windows) and weights in float, so it isolates the activation / KV quantization error;
+  - with --checkpoint DIR (a folder quantize.py --out wrote from the same model), the same two measurements on the
+    quantized model itself, as it is evaluated: its quantized weights and, if it has them, learned rotations;
   - perplexity per method and text, the lm-eval task scores with their standard errors, the training loss of
     learned rotations; and the run's settings.
 """
@@ -25,6 +29,7 @@ import numpy as np
 
 from resq_jax.cli.common import UserError, guarded, load
 from resq_jax.cli.table import method_label
+from resq_jax.util.files import write_json_atomic
 
 DEFAULT_WINDOWS = 4
 
@@ -37,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer", type=int, default=None, help="layer of the magnitude plot (default: the middle one)")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                    help="evaluation windows (256 tokens) of the SNR and magnitude measurements (default %(default)s)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a folder written by quantize.py --out from the same model: also measure that quantized "
+                        "model as it runs (quantized weights, learned rotations)")
     p.add_argument("--no-measure", action="store_true", help="plots from the JSON only (no model run)")
     return p.parse_args(argv)
 
@@ -59,6 +67,11 @@ def run(args) -> int:
     res = _read_results(args.results)
     if args.windows <= 0:
         raise UserError(f"--windows must be a positive integer, got {args.windows}")
+    if args.checkpoint and args.no_measure:
+        raise UserError("--checkpoint is measured by running it; drop --no-measure")
+    if args.checkpoint and not (Path(args.checkpoint) / "meta.json").is_file():
+        raise UserError(f"--checkpoint {args.checkpoint}: no checkpoint there (no meta.json); give a folder "
+                        "quantize.py --out wrote")
     try:
         import matplotlib
 
@@ -67,13 +80,16 @@ def run(args) -> int:
     except ImportError:
         raise UserError("the report needs matplotlib: pip install 'resq-jax[report]'") from None
     out = Path(args.out)
-    figures = []  # (file name, title, caption, png bytes)
+    figures, measured = [], None  # figures: (file name, title, caption, png bytes)
     if not args.no_measure:
-        figures += _measured_figures(args, res)
+        measured_figures, measured = _measured_figures(args, res)
+        figures += measured_figures
     figures += _result_figures(res)
     out.mkdir(parents=True, exist_ok=True)
     for name, _, _, png in figures:
         (out / name).write_bytes(png)
+    if measured is not None:
+        write_json_atomic(out / "measurements.json", measured)
     page = _page(res, figures)
     tmp = out / "index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
@@ -98,12 +114,15 @@ def _quant_config(run: dict):
                        seed=cfg.get("seed", 0), **own)
 
 
-def _measured_figures(args, res: dict) -> list:
+def _measured_figures(args, res: dict) -> tuple[list, dict]:
+    """The magnitude and SNR figures, and their numbers for measurements.json: {"layer", "windows", "magnitude":
+    {label: [channels]}, "high_channels": {label: n}, "snr_db": {label: {site: [layers]}}} (inf: exact, None)."""
     from resq_jax.data.texts import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, load_text
     from resq_jax.data.windows import calib_windows, eval_windows, tokenize
     from resq_jax.eval.diagnostics import channel_magnitude, site_snr
     from resq_jax.models.streaming import LayerStreamer
     from resq_jax.pipeline.quantize import quantize_model
+    from resq_jax.quant.fake_quant import FakeQuantHooks
 
     loaded = load(args.model or res.get("model") or "smollm2")
     config = loaded.config
@@ -126,10 +145,38 @@ def _measured_figures(args, res: dict) -> list:
         if qm.transforms.residual is not None:
             after[r["method"]] = (channel_magnitude(streamer, windows, layer), qm.hooks.spec.high_residual)
         snr[r["method"]] = site_snr(streamer, windows, qm.hooks)
+    if args.checkpoint:
+        label, streamer, hooks, spec = _checkpoint_model(args.checkpoint, config)
+        after[label] = (channel_magnitude(streamer, windows, layer), spec.high_residual)
+        snr[label] = site_snr(streamer, windows, hooks, measure=FakeQuantHooks(spec))
     figs = [_magnitude_figure(before, after, layer)]
     if snr:
         figs.append(_snr_figure(snr))
-    return figs
+    finite = lambda a: [float(v) if np.isfinite(v) else None for v in np.asarray(a, np.float64)]  # noqa: E731
+    numbers = {"layer": layer, "windows": {"count": args.windows, "seq_len": 256},
+               "magnitude": {"float model": finite(before), **{k: finite(a) for k, (a, _) in after.items()}},
+               "high_channels": {k: int(h) for k, (_, h) in after.items()},
+               "snr_db": {k: {s: finite(v) for s, v in by_site.items()} for k, by_site in snr.items()}}
+    return figs, numbers
+
+
+def _checkpoint_model(path: str, config) -> tuple:
+    """A checkpoint of ``config``'s model -> (label, LayerStreamer running it as evaluated, its hooks, its
+    ActivationSpec)."""
+    from resq_jax.models.streaming import LayerStreamer
+    from resq_jax.runtime.checkpoint import LoadedPacked, load_checkpoint
+    from resq_jax.runtime.pack import packed_weights
+
+    try:
+        ckpt = load_checkpoint(path, expect_config=config)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"--checkpoint {path}: {e}") from None
+    if isinstance(ckpt, LoadedPacked):
+        pm = ckpt.model
+        return (f"{pm.qconfig['method']} (checkpoint)", LayerStreamer.from_weights(pm.config, packed_weights(pm)),
+                pm.hooks, pm.spec)
+    return (f"{ckpt.qconfig['method']} (checkpoint)", LayerStreamer.from_weights(ckpt.config, ckpt.weights),
+            ckpt.hooks, ckpt.hooks.spec)
 
 
 # --- figures --------------------------------------------------------------------------------------------------
@@ -185,7 +232,8 @@ def _snr_figure(snr: dict):
     fig.suptitle("Activation and KV quantization: signal-to-noise ratio per layer and site (higher is better)")
     return ("snr.png", "Quantization error per layer and site",
             "10 log10(|x|^2 / |x - q(x)|^2) at each quantized site, each method with its own transforms and "
-            "quantizers (weights in float, learned rotations not applied), the model running quantized. A site "
+            "quantizers (weights in float, learned rotations not applied), the model running quantized; a "
+            "'(checkpoint)' line is the saved model as it is evaluated (quantized weights, learned rotations). A site "
             "a method leaves in 16 bits is not drawn.", _png(fig))
 
 

@@ -25,15 +25,18 @@ def snr_db(x: np.ndarray, q: np.ndarray) -> float:
     return float("inf") if noise == 0.0 else float(10.0 * np.log10(np.sum(x ** 2) / noise))
 
 
-def site_snr(streamer: LayerStreamer, windows: np.ndarray, hooks: SiteHooks,
-             sites: tuple[str, ...] = SITES) -> dict[str, np.ndarray]:
-    """windows: [N, T] -> {site: [L] SNR in dB} of ``hooks`` at each site, the model running with the hooks."""
+def site_snr(streamer: LayerStreamer, windows: np.ndarray, hooks: SiteHooks, sites: tuple[str, ...] = SITES,
+             measure: SiteHooks | None = None) -> dict[str, np.ndarray]:
+    """windows: [N, T] -> {site: [L] SNR in dB} of the quantizers ``measure`` (default ``hooks``) at each site, the
+    model running with ``hooks``. A packed model quantizes its linear inputs inside its integer GEMMs, so its own
+    hooks leave those sites alone: measure them with FakeQuantHooks of its ActivationSpec, the same quantizers."""
+    measure = hooks if measure is None else measure
     x = streamer.embed(np.asarray(windows, np.int32))
     out = {s: np.zeros(streamer.config.num_layers) for s in sites}
     for i in range(streamer.config.num_layers):
         x, captured = streamer.layer(i, x, hooks, capture=sites)
         for s in sites:
-            out[s][i] = snr_db(captured[s], hooks(s, captured[s]))
+            out[s][i] = snr_db(captured[s], measure(s, captured[s]))
     return out
 
 

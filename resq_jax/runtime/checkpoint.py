@@ -461,11 +461,17 @@ def _check_arrays(path: Path, arrays: Mapping[str, np.ndarray], manifest: Mappin
             raise CheckpointError(f"{path}: array {k!r} fails its checksum (a truncated or modified file); {RERUN}")
 
 
+UNTIED_BY_QUANTIZATION = ("tie_word_embeddings",)  # transforms folded into the head untie it from the embedding
+
+
 def _check_same_model(path: Path, config, expect_config):
-    if expect_config is None or expect_config == config:
+    """A checkpoint's config against the source model's: equal except what quantization itself changes."""
+    if expect_config is None:
         return
     a, b = config.to_dict(), expect_config.to_dict()
-    diff = ", ".join(f"{k} {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b.get(k))
+    diff = ", ".join(f"{k} {a[k]!r} vs {b.get(k)!r}" for k in a if a[k] != b.get(k) and k not in UNTIED_BY_QUANTIZATION)
+    if not diff:
+        return
     raise CheckpointError(f"{path} was quantized from a different model (checkpoint vs requested: {diff}); "
                           f"drop --model to use the checkpoint's own model, or re-quantize this model")
 
