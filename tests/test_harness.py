@@ -125,6 +125,7 @@ def test_evaluate_script_tasks_json_and_table(tmp_path):
     got = run["tasks"]["cloze-wiki"]
     assert got["n"] == 8 and got["num_fewshot"] == 0 and set(got["metrics"]) == {"acc", "perplexity"}
     assert res.stdout.splitlines()[0].startswith("model: ")  # stdout carries the table alone
+    assert res.stderr == "", res.stderr[-2000:]  # --quiet silences lm-eval's notes and progress bars too
     header = res.stdout.splitlines()[1]
     assert "cloze-wiki acc" in header and "cloze-wiki perplexity" in header
     assert f"{got['metrics']['acc']:.3f}+-{got['stderr']['acc']:.3f}" in res.stdout

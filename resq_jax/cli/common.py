@@ -95,7 +95,7 @@ def task_scores(args, tasks: list[str], resolved, log) -> dict:
     try:
         scores = run_tasks(ResqJaxLM(resolved=resolved, batch_size=args.batch_size), tasks,
                            num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path,
-                           seed=getattr(args, "seed", 0))
+                           seed=getattr(args, "seed", 0), quiet=args.quiet)
     except ValueError as e:
         raise UserError(f"--tasks: {e}") from None
     for task, s in scores.items():

@@ -221,17 +221,21 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None):
 
 
 def run_tasks(lm: ResqJaxLM, tasks: list[str], *, num_fewshot: int | None = None, limit: int | None = None,
-              include_path: list[str] | None = None, seed: int = 0) -> dict:
+              include_path: list[str] | None = None, seed: int = 0, quiet: bool = False) -> dict:
     """Run lm-eval tasks through ``simple_evaluate`` -> {task: {"metrics": {name: value}, "stderr": {name: value},
     "n": documents scored, "num_fewshot": k}}; the offline tasks of resq_jax/eval/tasks and the folders of
-    ``include_path`` (a user's YAMLs, as lm-eval's TaskManager(include_path=...)) are available by name."""
+    ``include_path`` (a user's YAMLs, as lm-eval's TaskManager(include_path=...)) are available by name. ``quiet``
+    silences lm-eval's notes and progress bars (errors still raise)."""
     from lm_eval.evaluator import simple_evaluate
 
     manager = task_manager(tasks, include_path)
     # lm-eval prints task notes and bootstrap progress on stdout (ours carries only the table) and bootstraps
     # standard errors in a forked pool, which can deadlock a process running JAX's threads: serial, 1000 draws
     os.environ["DISABLE_MULTIPROC"] = "1"
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr
+        stack.enter_context(contextlib.redirect_stdout(sink))
+        stack.enter_context(contextlib.redirect_stderr(sink))
         res = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                               task_manager=manager, bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed,
                               numpy_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
