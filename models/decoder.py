@@ -138,16 +138,21 @@ def _kv_major(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.float32).transpose(0, 2, 1, 3)
 
 
-def causal_attention(q, k, v, q_positions):
+def causal_attention(q, k, v, q_positions, left_pad=None):
     """Grouped-query causal attention in float32 against a cache.
 
-    q: [B, T, H, hd]; k, v: [B, S, KV, hd]; q_positions: [T] absolute positions of the
-    queries (cache slot s holds position s, so slots after a query's position are masked).
-    Returns [B, T, H, hd].
+    q: [B, T, H, hd]; k, v: [B, S, KV, hd]; q_positions: [T] cache slots of the queries (slot
+    s holds the token at slot s, so slots after a query's are masked). left_pad: [B] int or
+    None: row b's first left_pad[b] slots are padding of a left-padded batch, masked (a query
+    always sees its own slot, so a padding query has a finite softmax). Returns [B, T, H, hd].
     """
     t, kv, s = q.shape[1], k.shape[2], k.shape[1]
     g = q.shape[2] // kv
-    mask = jnp.arange(s)[None, :] <= jnp.repeat(q_positions, g)[:, None]  # [T*G, S]
+    slots, pos = jnp.arange(s)[None, :], jnp.repeat(q_positions, g)[:, None]
+    mask = slots <= pos  # [T*G, S]
+    if left_pad is not None:
+        real = jnp.arange(s)[None, :] >= left_pad[:, None]  # [B, S]
+        mask = mask & (real[:, None, None, :] | (slots == pos))  # [B, 1, T*G, S]
     out = _attend(_grouped_queries(q, kv), _kv_major(k), _kv_major(v), mask)
     return _ungroup(out, t, q.dtype)
 
@@ -206,18 +211,19 @@ class DecoderLayer(nnx.Module):
         self.down_hadamard = int(weights.get(p + "down_hadamard", 0) or 0)
 
     def __call__(self, x, cos, sin, positions, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None,
-                 capture: tuple[str, ...] = ()):
+                 capture: tuple[str, ...] = (), left_pad=None):
         """x: [B, T, d] -> (x: [B, T, d], captured sites dict, updated cache or None)."""
         site, sites = site_recorder(hooks, capture)
-        a, new_cache = self.attention(x, cos, sin, positions, hooks, cache, cache_index, site)
+        a, new_cache = self.attention(x, cos, sin, positions, hooks, cache, cache_index, site, left_pad)
         x = self.attention_residual(x, a, hooks)
         x = x + self.mlp(x, hooks, site)
         return x, sites, new_cache
 
     def attention(self, x, cos, sin, positions, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None,
-                  site=None):
+                  site=None, left_pad=None):
         """The attention half up to the o_proj input. x: [B, T, d] -> (a: [B, T, H, hd] after the
-        o_in site, updated cache or None); ``site(name, value)`` applies hooks (and captures)."""
+        o_in site, updated cache or None); ``site(name, value)`` applies hooks (and captures);
+        ``left_pad``: [B] padding slots per row (causal_attention), with a cache only."""
         site = site or site_recorder(hooks, ())[0]
         b, t, _ = x.shape
         hd = self.head_dim
@@ -245,7 +251,7 @@ class DecoderLayer(nnx.Module):
                 new_cache = {"k": k_all, "v": v_all}
             else:  # a cache that stores k/v in its own format (resq_jax.runtime's quantized cache)
                 k_all, v_all, new_cache = cache.write(k_raw, v_raw, cache_index)
-            a = causal_attention(q, k_all, v_all, positions)
+            a = causal_attention(q, k_all, v_all, positions, left_pad)
         return site("o_in", a), new_cache
 
     def attention_residual(self, x, a, hooks: SiteHooks = IDENTITY):
@@ -381,22 +387,28 @@ class Decoder(nnx.Module):
     def rope(self, positions):
         return rope_tables(self.inv_freq, positions)
 
-    def __call__(self, tokens, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None):
+    def __call__(self, tokens, hooks: SiteHooks = IDENTITY, cache=None, cache_index=None, left_pad=None):
         """tokens: [B, T] -> (logits [B, T, vocab], new cache or None).
 
         With ``cache`` (a list of per-layer {"k", "v"}: [B, S, KV, hd], or of objects with
         ``write(k, v, index) -> (k_all, v_all, new)`` that receive k/v before the k/v site
         hooks, as the packed runtime's quantized cache) the tokens sit at positions
-        cache_index .. cache_index+T-1.
+        cache_index .. cache_index+T-1 (cache slots). ``left_pad``: [B] int, a left-padded batch:
+        row b's first left_pad[b] slots hold padding, masked in attention, and its positions
+        count from its first real token (slot - left_pad[b]), so each row computes what it
+        would alone, quantizers after RoPE included.
         """
+        if left_pad is not None and cache is None:
+            raise ValueError("left_pad masks cache slots: pass a cache with it")
         t = tokens.shape[1]
         start = 0 if cache_index is None else cache_index
         positions = start + jnp.arange(t)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions if left_pad is None else positions[None, :] - left_pad[:, None])
         x = self.embed_tokens(tokens)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
-            x, _, c = layer(x, cos, sin, positions, hooks, None if cache is None else cache[i], cache_index)
+            x, _, c = layer(x, cos, sin, positions, hooks, None if cache is None else cache[i], cache_index,
+                            left_pad=left_pad)
             if cache is not None:
                 new_cache.append(c)
         return self.head(x), new_cache

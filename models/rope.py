@@ -29,16 +29,16 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def rope_tables(inv_freq: jnp.ndarray, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos, sin: [T, head_dim] float32 for integer positions: [T]."""
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    """cos, sin: [..., T, head_dim] float32 for integer positions: [..., T] (one row, or one per batch row)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """x: [B, T, heads, head_dim]; cos, sin: [T, head_dim] -> same shape as x."""
+    """x: [B, T, heads, head_dim]; cos, sin: [T, head_dim] or [B, T, head_dim] -> same shape as x."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    c = cos[None, :, None, :].astype(x.dtype)
-    s = sin[None, :, None, :].astype(x.dtype)
+    c = cos[..., None, :].astype(x.dtype)  # a heads axis
+    s = sin[..., None, :].astype(x.dtype)
     return x * c + rotated * s

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hf_fixtures import build_torch_model, tiny_llama_config, tiny_qwen2_config, torch_logits
-from resq_jax.eval.generate import generate_greedy
+from resq_jax.eval.generate import generate_batch, generate_greedy
 from resq_jax.models.decoder import from_weights, init_cache
 from resq_jax.models.loaders import load_model
 from resq_jax.models.streaming import LayerStreamer
@@ -70,6 +70,29 @@ def test_greedy_generation_matches_transformers(saved):
                                    pad_token_id=0)[0, 12:].numpy()
     ours = generate_greedy(from_weights(loaded.config, loaded.weights), prompt, 6)
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_batched_generation_matches_transformers_left_padded(saved):
+    """Three prompts of 5, 12 and 9 tokens in one left-padded batch (our key mask and shifted slots; transformers'
+    attention_mask and position ids counted from each row's first real token): the same greedy tokens, and each
+    row the same as that prompt alone."""
+    import torch
+
+    torch_model, loaded = saved
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(1, loaded.config.vocab_size, size=n) for n in (5, 12, 9)]
+    ids = np.zeros((3, 12), np.int64)
+    mask = np.zeros((3, 12), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, 12 - p.size:], mask[i, 12 - p.size:] = p, 1
+    with torch.no_grad():
+        ref = torch_model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=6,
+                                   do_sample=False, pad_token_id=0)[:, 12:].numpy()
+    model = from_weights(loaded.config, loaded.weights)
+    ours = generate_batch(model, prompts, 6, length=16)  # padded beyond the longest prompt too
+    for i, p in enumerate(prompts):
+        np.testing.assert_array_equal(ours[i], ref[i])
+        np.testing.assert_array_equal(ours[i], generate_greedy(model, p, 6))
 
 
 def test_long_sequence_logits_and_nll_match_transformers(saved):

@@ -78,6 +78,20 @@ def test_loglikelihood_rolling_equals_hf_backend_and_our_perplexity(ours, hf):
     np.testing.assert_allclose(ppl, ref, rtol=1e-5)
 
 
+def test_generate_until_equals_hf_backend(ours, hf):
+    """Five prompts of different lengths (one batch of 4 left-padded rows plus a batch of 1 filled with copies),
+    two settings groups: the same continuations as the HF backend's greedy generation, cut at the same stop
+    strings."""
+    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea,",
+               "Question: what is 2+2?\nAnswer:", "The three primary colors are", "Python is a programming language"]
+    args = [(p, {"until": ["\n", "."], "max_gen_toks": 12, "do_sample": False}) for p in prompts]
+    args.append(("The first president of the United States was", {"until": ["\n\n"], "max_gen_toks": 6}))
+    reqs = _instances("generate_until", args)
+    mine, theirs = ours.generate_until(reqs, disable_tqdm=True), hf.generate_until(reqs, disable_tqdm=True)
+    assert mine == theirs
+    assert all("." not in m and "\n" not in m for m in mine[:5]) and sum(len(m) > 3 for m in mine) >= 4, mine
+
+
 def test_local_tasks_equal_hf_backend(ours, hf):
     """cloze-wiki and nextsent-wiki (16 documents each) through lm-eval's simple_evaluate: every metric within
     1e-4 of the HF backend's on the same documents."""

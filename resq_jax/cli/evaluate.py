@@ -62,7 +62,7 @@ def run(args) -> int:
     from resq_jax.models.streaming import LayerStreamer
 
     t0 = time.perf_counter()
-    new_cache = None  # (positions) -> an empty generation cache; None: the float cache
+    new_cache = None  # (rows, positions) -> an empty generation cache; None: the float cache
     if args.checkpoint:
         from resq_jax.runtime.checkpoint import LoadedPacked, load_checkpoint
         from resq_jax.runtime.kv_cache import init_packed_cache
@@ -78,7 +78,7 @@ def run(args) -> int:
             pm = ckpt.model
             config, hooks, qconfig, weights = pm.config, pm.hooks, pm.qconfig, packed_weights(pm)
             eval_path = "packed"
-            new_cache = lambda n: init_packed_cache(pm.config, pm.spec, 1, n)  # noqa: E731
+            new_cache = lambda rows, n: init_packed_cache(pm.config, pm.spec, rows, n)  # noqa: E731
         else:  # an older fake-quant checkpoint
             config, hooks, qconfig = ckpt.config, ckpt.hooks, ckpt.qconfig
             weights, eval_path = ckpt.weights, "fake"
@@ -99,7 +99,7 @@ def run(args) -> int:
         from resq_jax.eval.generate import generate_greedy
 
         ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-        cache = None if new_cache is None else new_cache(len(ids) + args.max_new_tokens)
+        cache = None if new_cache is None else new_cache(1, len(ids) + args.max_new_tokens)
         new = generate_greedy(from_weights(config, dict(weights)), ids, args.max_new_tokens, hooks=hooks,
                               eos_token_id=config.eos_token_id, cache=cache)
         if main_process:

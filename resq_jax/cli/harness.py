@@ -13,7 +13,7 @@ Requests become (inputs, targets) token pairs scored by ``eval.scoring.Scorer`` 
 continuation, an empty context is the end-of-text token), keeps the last ``max_length`` tokens, and sums the
 continuation's log-probabilities; ``loglikelihood_rolling`` scores a whole text in lm-eval's disjoint rolling
 windows of ``max_length`` tokens; ``generate_until`` continues greedily with the KV cache (float, or the packed
-runtime's quantized cache) one request at a time and cuts at the first stop string.
+runtime's quantized cache) in left-padded batches and cuts at the first stop string.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Resolved:
     hooks: Any
     tokenizer: Any
     description: str
-    new_cache: Callable[[int], list] | None = None  # (positions) -> an empty cache; None: the float cache
+    new_cache: Callable[[int, int], list] | None = None  # (rows, positions) -> an empty cache; None: float
 
     @classmethod
     def packed(cls, pm, tokenizer, description: str) -> "Resolved":
@@ -52,7 +52,7 @@ class Resolved:
         from resq_jax.runtime.pack import packed_weights
 
         return cls(pm.config, packed_weights(pm), pm.hooks, tokenizer, description,
-                   lambda n: init_packed_cache(pm.config, pm.spec, 1, n))
+                   lambda rows, n: init_packed_cache(pm.config, pm.spec, rows, n))
 
 
 def resolve(*, model: str | None = None, method: str = "none", checkpoint: str | None = None,
@@ -160,26 +160,45 @@ class ResqJaxLM(TemplateLM):
         return [sum(next(scores)[0] for _ in ws) for ws in per_text]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from resq_jax.eval.generate import generate_greedy
+        """Greedy continuations cut at the first stop string: requests with the same settings (stop strings,
+        max_gen_toks) run together, longest first, ``batch_size`` left-padded rows at a time (a short last batch
+        is filled with copies), prompts padded to the scorer's bucket lengths so jit compiles a few shapes."""
+        from resq_jax.eval.generate import generate_batch
+        from resq_jax.eval.scoring import bucket_length
         from resq_jax.util.progress import progress_bar
 
-        out = []
-        bar = None if disable_tqdm else progress_bar(len(requests), "generate_until", unit="req")
-        for req in requests:
+        groups: dict[tuple, list] = {}
+        for i, req in enumerate(requests):
             context, kwargs = req.args
             kwargs = dict(kwargs or {})
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = tuple([until] if isinstance(until, str) else until)
             max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]  # room for the new tokens
-            cache = None if self.resolved.new_cache is None else self.resolved.new_cache(len(ids) + max_new)
-            new = generate_greedy(self._decoder, np.asarray(ids), max_new, hooks=self.resolved.hooks,
-                                  eos_token_id=self.eot_token_id, cache=cache)
-            text = self.tok_decode(new)
-            cut = min((text.find(s) for s in until if s and s in text), default=len(text))
-            out.append(text[:cut])
-            if bar is not None:
-                bar.update(1)
+            room = max(1, self.max_length - max_new)  # context tokens that leave room for the new ones
+            groups.setdefault((until, max_new, room), []).append((i, self.tok_encode(context)[-room:]))
+        out: list = [None] * len(requests)
+        rows = self.scorer.batch_size
+        bar = None if disable_tqdm else progress_bar(len(requests), "generate_until", unit="req")
+        for (until, max_new, room), items in groups.items():
+            items.sort(key=lambda item: -len(item[1]))
+            for start in range(0, len(items), rows):
+                chunk = items[start:start + rows]
+                prompts = [ids for _, ids in chunk] + [chunk[-1][1]] * (rows - len(chunk))
+                length = bucket_length(len(prompts[0]), room)
+                texts = [""] * rows
+
+                def stop(row, new, n=len(chunk), until=until, texts=texts):
+                    texts[row] = self.tok_decode(new)
+                    return row >= n or any(s and s in texts[row] for s in until)
+
+                cache = None if self.resolved.new_cache is None else self.resolved.new_cache(rows, length + max_new)
+                new = generate_batch(self._decoder, prompts, max_new, hooks=self.resolved.hooks,
+                                     eos_token_id=self.eot_token_id, cache=cache, length=length, stop=stop)
+                for (i, _), ids in zip(chunk, new):
+                    text = self.tok_decode(ids)
+                    out[i] = text[:min((text.find(s) for s in until if s and s in text), default=len(text))]
+                if bar is not None:
+                    bar.update(len(chunk))
         if bar is not None:
             bar.close()
         return out
