@@ -49,6 +49,7 @@ def assert_clean_error(res, *needles):
     (["--method", "spinquant", "--cayley-lr", "-1"], ["--cayley-lr must be a positive number"]),
     (["--method", "spinquant", "--cayley-steps", "-3"], ["--cayley-steps must be an integer >= 0"]),
     (["--method", "resq", "--cayley-steps", "5", "--cayley-windows", "4"], ["--cayley-windows 4 is fewer than the 8"]),
+    (["--method", "resq", "--cayley-weights", "rtn"], ["--cayley-weights does not apply to method 'resq'", "--cayley-steps N"]),
 ])
 def test_quantize_rejects_bad_settings_before_loading(args, needles):
     assert_clean_error(run("quantize.py", "--model", "/nonexistent/model", *args), *needles)

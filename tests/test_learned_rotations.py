@@ -106,6 +106,41 @@ def test_refined_transforms_fuse_to_the_rotated_weights(fused):
     assert dataclasses.replace(refined, residual=None, value=None) == dataclasses.replace(t, residual=None, value=None)
 
 
+def _decoder_nll(config, weights, hooks) -> np.ndarray:
+    """Mean next-token loss per window [B] of the decoder built from ``weights``, log-softmax in float64."""
+    logits = np.asarray(from_weights(config, weights)(TOKENS, hooks=hooks)[0], np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp[:, :-1], np.asarray(TOKENS)[:, 1:, None], -1)[..., 0].mean(-1)
+
+
+@pytest.mark.parametrize("high", [0, 8])
+def test_rtn_weights_through_the_estimator_are_the_rtn_model(fused, high):
+    """With a weight_spec, rotated_nll at identity rotations is the loss of the model whose linears the pipeline's
+    RTN quantizer (quant.weights.rtn_weights_codes: NumPy-side codes, dequantized) produced, under the same
+    activation quantizers; ResQ's layout (high = 8 residual rows and 2 rows per o_proj head in 8 bits, permuted)
+    and QuaRot's (none). The weights' straight-through gradient reaches the rotations: non-zero and finite
+    (float weights and identity hooks give a zero Riemannian gradient, the test above)."""
+    from resq_jax.quant.layouts import WeightSpec
+    from resq_jax.quant.weights import rtn_weights_codes
+
+    config, _, _, weights = fused
+    ws = WeightSpec(w_bits=4, high_bits=8, high_residual=high, high_head=high // 4)
+    hooks = FakeQuantHooks(ActivationSpec(a_bits=4, kv_bits=4, down_bits=4, high_bits=8, high_residual=high,
+                                          high_head=high // 4))
+    ref = _decoder_nll(config, dict(rtn_weights_codes(config, weights, ws).weights), hooks)
+    assert np.all(np.abs(ref - _decoder_nll(config, weights, hooks)) > 1e-2)  # the weights' rounding shows
+    frozen = stack_layers(config, weights)
+    ident = identity_rotations((64 - high, high) if high else (64,), (16 - high // 4, high // 4) if high else (16,),
+                               config.num_layers)
+    np.testing.assert_allclose(rotated_nll(ident, frozen, TOKENS, config=config, hooks=hooks, weight_spec=ws), ref,
+                               rtol=1e-4)
+    grads = jax.grad(lambda r: rotated_nll(r, frozen, TOKENS, config=config, weight_spec=ws).mean())(ident)
+    for g, x in zip(jax.tree.leaves(grads), jax.tree.leaves(ident)):
+        riem = float(jnp.abs(skew_gradient(g, x)).max())
+        assert np.isfinite(riem) and riem > 1e-3 * float(jnp.abs(g).max()), (x.shape, riem)
+
+
 # --- training -----------------------------------------------------------------------------------------------
 SPEC = ActivationSpec(a_bits=4, kv_bits=4, down_bits=4, high_bits=8, high_residual=8, high_head=2)
 WINDOWS = np.random.default_rng(9).integers(0, 49152, (8, 32))
@@ -267,3 +302,29 @@ def test_spinquant_lowers_the_quantized_loss_of_quarot(tiny, sampled_t1):
     fp = loss["quarot float"]
     assert abs(fp - loss["spinquant float"]) < 1e-5, loss
     assert loss["quarot"] > fp + 0.01 and loss["spinquant"] < fp + 0.5 * (loss["quarot"] - fp), loss
+
+
+def test_pipeline_trains_against_rtn_weights(tiny, sampled_t1):
+    """--cayley-weights rtn: the first step's loss is that of quarot's model with RTN weights (clipping search off,
+    as the estimator quantizes) on the step's windows, computed by the decoder from quantize_model's weights; with
+    float weights (the default) it is not."""
+    from resq_jax.learn.train import batch_indices
+    from resq_jax.pipeline.quantize import quantize_model
+    from resq_jax.pipeline.recipes import QuantConfig
+
+    m, windows = tiny, sampled_t1
+    common = dict(method="quarot", weight_quantizer="rtn", cayley_steps=1, cayley_batch=4, cayley_lr=0.3)
+    first = {}
+    for mode in ("float", "rtn"):
+        q = quantize_model(m.config, m.weights, QuantConfig(**common, cayley_weights=mode), windows, progress=False)
+        assert q.details["cayley"]["weights"] == mode and q.qconfig.to_dict()["cayley_weights"] == mode
+        first[mode] = q.details["cayley"]["losses"][0]
+    rtn = quantize_model(m.config, m.weights, QuantConfig(method="quarot", weight_quantizer="rtn", clip_search=False),
+                         windows, progress=False)
+    tokens = np.asarray(windows[batch_indices(len(windows), 4, 0, 0)])
+    logits = np.asarray(from_weights(rtn.config, rtn.weights)(jnp.asarray(tokens), hooks=rtn.hooks)[0], np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    ref = float(-np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1).mean())
+    assert abs(first["rtn"] - ref) <= 1e-4 * ref + 1e-6, (first, ref)
+    assert abs(first["float"] - ref) > 10 * abs(first["rtn"] - ref) + 1e-5, (first, ref)

@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cayley-windows", type=int, default=None,
                    help="train on the first N calibration windows (default: all of them)")
     g.add_argument("--cayley-batch", type=int, default=None, help="windows per training step (default 8)")
+    g.add_argument("--cayley-weights", choices=("float", "rtn"), default=None,
+                   help="the weights while the rotations train: float (default; SpinQuant's advice when GPTQ "
+                        "follows) or RTN-quantized to --w-bits, passed straight through")
     p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
                    help=f"calibration text: a UTF-8 file or a built-in name ({', '.join(BUILTIN_TEXTS)}); "
                         "default %(default)s")

@@ -51,6 +51,8 @@ def _describe(method: str, cfg: dict) -> str:
         text += f" r{cfg['rank']}"
     if cfg.get("cayley_steps"):
         text += f" cayley{cfg['cayley_steps']}@{cfg['cayley_lr']:g}"
+        if cfg.get("cayley_weights") == "rtn":
+            text += "/w-rtn"
     if not off(cfg.get("embed_bits")):
         text += f" E{cfg['embed_bits']}"
     return text

@@ -6,7 +6,8 @@ and KV quantizers passed straight through, and returns the transforms with the l
 blocks follow the recipe's subspaces: ResQ keeps its high-variance channels last in the residual stream and in
 every value head, so it learns one rotation for the low block and one for the high block of each; QuaRot and
 SpinQuant learn one full rotation of each. The weights stay in float while the rotations train (SpinQuant's
-advice when GPTQ follows); the quantizer then sees the refined model exactly as it would see the recipe's.
+advice when GPTQ follows), or with ``weight_spec`` are RTN-quantized straight-through (its setting when RTN
+follows); the quantizer then sees the refined model exactly as it would see the recipe's.
 
 Memory: the fused model is held whole in float32 with its stacked layers (``stack_layers``), plus one layer's
 activations under rematerialization, so training suits models that fit the host (SmolLM2, Qwen2.5-0.5B), not 7B.
@@ -21,7 +22,7 @@ from resq_jax.learn.rotated import StraightThrough, identity_rotations, refined_
 from resq_jax.learn.train import CayleyConfig, TrainResult, train_rotations
 from resq_jax.models.config import ModelConfig
 from resq_jax.quant.fake_quant import FakeQuantHooks
-from resq_jax.quant.layouts import ActivationSpec
+from resq_jax.quant.layouts import ActivationSpec, WeightSpec
 from resq_jax.rotation.transforms import Transforms, apply_transforms
 
 
@@ -32,7 +33,7 @@ def subspace_blocks(n: int, high: int) -> tuple[int, ...]:
 
 def refine(config: ModelConfig, weights: Mapping[str, np.ndarray], transforms: Transforms, spec: ActivationSpec,
            windows: np.ndarray, cc: CayleyConfig, *, progress: bool | str = True,
-           checkpoint_dir=None) -> tuple[Transforms, TrainResult]:
+           checkpoint_dir=None, weight_spec: WeightSpec | None = None) -> tuple[Transforms, TrainResult]:
     """weights: the recipe's folded, untied float model (not yet rotated); windows: [N, T] calibration tokens.
     Returns (the transforms with the learned rotations folded in, the training result)."""
     if transforms.residual is None or transforms.value is None:
@@ -42,5 +43,5 @@ def refine(config: ModelConfig, weights: Mapping[str, np.ndarray], transforms: T
     start = identity_rotations(subspace_blocks(config.hidden_size, spec.high_residual),
                                subspace_blocks(config.head_dim, spec.high_head), config.num_layers)
     result = train_rotations(config, frozen, start, np.asarray(windows), StraightThrough(FakeQuantHooks(spec)), cc,
-                             progress=progress, checkpoint_dir=checkpoint_dir)
+                             progress=progress, checkpoint_dir=checkpoint_dir, weight_spec=weight_spec)
     return refined_transforms(transforms, result.rotations), result

@@ -12,7 +12,10 @@ with x -> x Q1 on the residual stream and v -> v Q2[l] per value head:
 
 The model is unchanged in float (RMSNorm gains are folded to 1, so norm(x Q1) = norm(x) Q1): with identity
 hooks the loss does not depend on the rotations (the Riemannian gradient is zero, tests/test_learned_rotations).
-With quantizer hooks it does; they pass gradients straight through the rounding (``StraightThrough``).
+With quantizer hooks it does; they pass gradients straight through the rounding (``StraightThrough``). With a
+``weight_spec`` the rotated linears are also RTN-quantized in the forward pass (per output channel, the recipe's
+high-precision rows in high_bits, no clipping search) and passed straight through in the backward pass, so the
+rotations train against the quantized weights as well (``quantize_rotated``).
 
 ``rotated_nll`` runs the layers with ``lax.scan`` over their stacked weights and ``jax.checkpoint`` per layer,
 so the backward pass keeps one layer's activations at a time plus each layer's input.
@@ -28,7 +31,9 @@ import numpy as np
 
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import IDENTITY, DecoderLayer, SiteHooks, chunked_nll, rms_norm
+from resq_jax.formats.integer import fake_quant_weight
 from resq_jax.models.rope import inverse_frequencies, rope_tables
+from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
 from resq_jax.rotation.transforms import Transforms
 from resq_jax.transforms.cayley import reorthonormalize
 from resq_jax.util.precision import EXACT, exact_matmul
@@ -104,10 +109,26 @@ def rotate_layer(config: ModelConfig, w: Mapping[str, jax.Array], q1: jax.Array,
     return out
 
 
+def quantize_rotated(config: ModelConfig, w: Mapping[str, jax.Array], spec: WeightSpec) -> dict:
+    """One layer's rotated arrays with every linear [d_in, d_out] RTN-quantized by ``spec`` in the forward pass
+    (rows permuted as the quantizer lays them out, the high rows in high_bits) and the identity in the backward
+    pass (straight-through)."""
+    out = dict(w)
+    for name in LINEARS:
+        perm, high = linear_high_rows(config, name, spec)
+        x = w[name] if perm is None else w[name][perm]
+        q = fake_quant_weight(x, spec.w_bits, spec.high_bits, high)
+        if perm is not None:
+            q = q[np.argsort(perm)]
+        out[name] = w[name] + jax.lax.stop_gradient(q - w[name])
+    return out
+
+
 def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: ModelConfig,
-                hooks: SiteHooks = IDENTITY) -> jax.Array:
+                hooks: SiteHooks = IDENTITY, weight_spec: WeightSpec | None = None) -> jax.Array:
     """tokens: [B, T] -> mean next-token cross-entropy per window [B] of the model ``frozen`` (``stack_layers``)
-    with ``rotations`` ({"residual": blocks [n, n], "value": blocks [L, n, n]}) applied on the fly."""
+    with ``rotations`` ({"residual": blocks [n, n], "value": blocks [L, n, n]}) applied on the fly; with
+    ``weight_spec`` its linears RTN-quantized straight-through (``quantize_rotated``)."""
     q1 = block_diag(rotations["residual"])
     q2 = block_diag(rotations["value"])  # [L, hd, hd]
     t = tokens.shape[1]
@@ -120,6 +141,8 @@ def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: Mod
     def layer(x, xs):
         w, q2_l = xs
         rotated = rotate_layer(config, w, q1, q2_l)
+        if weight_spec is not None:
+            rotated = quantize_rotated(config, rotated, weight_spec)
         named = {f"layers.0.{k}": v for k, v in rotated.items()}
         if hadamard:
             named["layers.0.down_hadamard"] = hadamard

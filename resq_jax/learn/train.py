@@ -23,6 +23,7 @@ import optax
 from resq_jax.learn.rotated import rotated_nll
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import SiteHooks
+from resq_jax.quant.layouts import WeightSpec
 from resq_jax.transforms.cayley import cayley_sgd, check_orthogonal
 from resq_jax.util.progress import progress_bar
 
@@ -76,8 +77,9 @@ def _manager(folder):
 
 def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows: np.ndarray, hooks: SiteHooks,
                     cc: CayleyConfig = CayleyConfig(), *, checkpoint_dir: str | Path | None = None,
-                    progress: bool | str = True) -> TrainResult:
-    """Refine ``rotations`` ({"residual": blocks, "value": blocks}, orthogonal) on ``windows`` [N, T]."""
+                    progress: bool | str = True, weight_spec: WeightSpec | None = None) -> TrainResult:
+    """Refine ``rotations`` ({"residual": blocks, "value": blocks}, orthogonal) on ``windows`` [N, T]; with
+    ``weight_spec`` the weights are RTN-quantized straight-through while they train (learn.rotated)."""
     import orbax.checkpoint as ocp
 
     windows = np.asarray(windows)
@@ -98,7 +100,8 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
     @jax.jit
     def step(rotations, state, tokens):
         loss, grads = jax.value_and_grad(
-            lambda r: rotated_nll(r, frozen, tokens, config=config, hooks=hooks).mean())(rotations)
+            lambda r: rotated_nll(r, frozen, tokens, config=config, hooks=hooks, weight_spec=weight_spec).mean())(
+            rotations)
         updates, state = opt.update(grads, state, rotations)
         return optax.apply_updates(rotations, updates), state, loss
 

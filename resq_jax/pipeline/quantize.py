@@ -111,10 +111,12 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
         raise QuantConfigError(f"learning the rotations needs at least --cayley-batch {qc.cayley_batch_used} "
                                f"calibration windows, got {len(windows)}")
     t0 = time.perf_counter()
+    rtn = dataclasses.replace(weight_spec(config, qc), clip_search=False) if qc.cayley_weights == "rtn" else None
     refined, result = refine(config, w, transforms, activation_spec(config, qc), windows, cayley_config(qc),
-                             progress=f"cayley {qc.method}" if progress else False)
+                             progress=f"cayley {qc.method}" if progress else False, weight_spec=rtn)
     seconds["train"] = time.perf_counter() - t0
     details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
+                         "weights": qc.cayley_weights or "float",
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
