@@ -38,10 +38,10 @@ def refine(config: ModelConfig, weights: Mapping[str, np.ndarray], transforms: T
     Returns (the transforms with the learned rotations folded in, the training result)."""
     if transforms.residual is None or transforms.value is None:
         raise ValueError("learned rotations refine a recipe's residual and value rotations; this recipe has none")
-    fused = apply_transforms(config, weights, transforms)
-    frozen = stack_layers(config, fused)
     start = identity_rotations(subspace_blocks(config.hidden_size, spec.high_residual),
                                subspace_blocks(config.head_dim, spec.high_head), config.num_layers)
-    result = train_rotations(config, frozen, start, np.asarray(windows), StraightThrough(FakeQuantHooks(spec)), cc,
-                             progress=progress, checkpoint_dir=checkpoint_dir, weight_spec=weight_spec)
+    # the stacked model is handed over without a reference kept here, so training holds only its device copy
+    result = train_rotations(config, stack_layers(config, apply_transforms(config, weights, transforms)), start,
+                             np.asarray(windows), StraightThrough(FakeQuantHooks(spec)), cc, progress=progress,
+                             checkpoint_dir=checkpoint_dir, weight_spec=weight_spec)
     return refined_transforms(transforms, result.rotations), result

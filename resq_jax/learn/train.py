@@ -97,10 +97,17 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
         got = manager.restore(start, args=ocp.args.StandardRestore(target))
         rotations, state, losses = got["rotations"], got["opt"], np.asarray(got["losses"])
 
+    # the frozen model is an argument, not a closure: closed-over arrays would be baked into the executable as
+    # constants (a second copy of the model, and a slow compile)
+    arrays = jax.device_put({k: v for k, v in frozen.items() if k != "down_hadamard"})
+    hadamard = frozen["down_hadamard"]
+    del frozen  # the host copy (the caller may hand it over without keeping a reference)
+
     @jax.jit
-    def step(rotations, state, tokens):
+    def step(rotations, state, tokens, arrays):
+        model = {**arrays, "down_hadamard": hadamard}
         loss, grads = jax.value_and_grad(
-            lambda r: rotated_nll(r, frozen, tokens, config=config, hooks=hooks, weight_spec=weight_spec).mean())(
+            lambda r: rotated_nll(r, model, tokens, config=config, hooks=hooks, weight_spec=weight_spec).mean())(
             rotations)
         updates, state = opt.update(grads, state, rotations)
         return optax.apply_updates(rotations, updates), state, loss
@@ -112,7 +119,7 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
     first = losses[0] if start else None
     for k in range(start, cc.steps):
         tokens = jnp.asarray(windows[batch_indices(len(windows), cc.batch_size, cc.seed, k)], jnp.int32)
-        new_rotations, new_state, loss = step(rotations, state, tokens)
+        new_rotations, new_state, loss = step(rotations, state, tokens, arrays)
         loss = float(loss)
         first = loss if first is None else first
         if not math.isfinite(loss) or loss > cc.diverge_factor * first:
