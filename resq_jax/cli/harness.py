@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -185,11 +185,7 @@ class ResqJaxLM(TemplateLM):
                 chunk = items[start:start + rows]
                 prompts = [ids for _, ids in chunk] + [chunk[-1][1]] * (rows - len(chunk))
                 length = bucket_length(len(prompts[0]), room)
-                texts = [""] * rows
-
-                def stop(row, new, n=len(chunk), until=until, texts=texts):
-                    texts[row] = self.tok_decode(new)
-                    return row >= n or any(s and s in texts[row] for s in until)
+                stop = functools.partial(self._stopped, until=until, real_rows=len(chunk))
 
                 cache = None if self.resolved.new_cache is None else self.resolved.new_cache(rows, length + max_new)
                 new = generate_batch(self._decoder, prompts, max_new, hooks=self.resolved.hooks,
@@ -202,6 +198,11 @@ class ResqJaxLM(TemplateLM):
         if bar is not None:
             bar.close()
         return out
+
+    def _stopped(self, row: int, new: list[int], *, until: tuple[str, ...], real_rows: int) -> bool:
+        """Whether a generate_until row is done: a filler row at once, a real one when its text holds a stop
+        string."""
+        return row >= real_rows or any(s and s in self.tok_decode(new) for s in until)
 
     def _score(self, pairs, disable_tqdm: bool, what: str):
         from resq_jax.util.progress import progress_bar

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resq_jax.formats.integer import fake_quant_weight
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import IDENTITY, DecoderLayer, SiteHooks, chunked_nll, rms_norm
-from resq_jax.formats.integer import fake_quant_weight
 from resq_jax.models.rope import inverse_frequencies, rope_tables
 from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
 from resq_jax.rotation.transforms import Transforms
