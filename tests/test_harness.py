@@ -143,3 +143,24 @@ def test_evaluate_script_tasks_json_and_table(tmp_path):
     header = res.stdout.splitlines()[1]
     assert "cloze-wiki acc" in header and "cloze-wiki perplexity" in header
     assert f"{got['metrics']['acc']:.3f}+-{got['stderr']['acc']:.3f}" in res.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--tasks", "cloze-wiki,no-such-task"], "--tasks: unknown lm-eval task(s) no-such-task"),
+    (["--tasks", "cloze-wiki", "--limit", "0"], "--limit must be a positive integer"),
+    (["--limit", "5"], "--limit applies to --tasks"),
+])
+def test_bad_task_arguments_are_one_line_before_loading(args, needle):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--model", "/nonexistent/m",
+                          *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
+        res.stderr[-2000:]
+
+
+def test_model_args_with_an_unknown_method_is_one_clear_error():
+    """Checked before the model loads (the model path does not exist)."""
+    with pytest.raises(ValueError, match="unknown method 'omniquant'; choose one of .*spinquant"):
+        ResqJaxLM(model="/nonexistent/m", method="omniquant")
+    with pytest.raises(ValueError, match="settings cayley_steps need a method= other than none"):
+        ResqJaxLM(model="/nonexistent/m", cayley_steps=4)

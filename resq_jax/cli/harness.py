@@ -69,21 +69,24 @@ def resolve(*, model: str | None = None, method: str = "none", checkpoint: str |
         if not isinstance(ckpt, LoadedPacked):
             return Resolved(ckpt.config, ckpt.weights, ckpt.hooks, ckpt.tokenizer, f"{checkpoint} (fake quant)")
         return Resolved.packed(ckpt.model, ckpt.tokenizer, f"{checkpoint} ({ckpt.model.qconfig.method}, packed)")
+    qc = None  # a bad method or setting fails before the model loads
+    if method != "none":
+        from resq_jax.pipeline.recipes import QuantConfig
+
+        qc = QuantConfig(method=method, seed=seed, **settings)
+    elif settings:
+        raise ValueError(f"settings {', '.join(settings)} need a method= other than none")
     loaded = load_model(model or "smollm2")
     if loaded.tokenizer is None:
         raise ValueError(f"model {loaded.source} has no tokenizer files")
-    if method == "none":
-        if settings:
-            raise ValueError(f"settings {', '.join(settings)} need a method= other than none")
+    if qc is None:
         return Resolved(loaded.config, loaded.weights, IDENTITY, loaded.tokenizer, f"{loaded.source} (float)")
     from resq_jax.data.texts import DEFAULT_CALIB_TEXT, load_text
     from resq_jax.data.windows import calib_windows as sample
     from resq_jax.data.windows import tokenize
     from resq_jax.pipeline.quantize import quantize_model
-    from resq_jax.pipeline.recipes import QuantConfig
     from resq_jax.runtime.pack import try_pack
 
-    qc = QuantConfig(method=method, seed=seed, **settings)
     windows = sample(tokenize(load_text(calib_text or DEFAULT_CALIB_TEXT).text, loaded.tokenizer), calib_windows,
                      calib_seq_len, seed)
     qm = quantize_model(loaded.config, loaded.weights, qc, windows, progress=False)
