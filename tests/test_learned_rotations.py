@@ -4,6 +4,7 @@ finite straight-through gradient), and the same model as fusing the refined tran
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -328,3 +329,44 @@ def test_pipeline_trains_against_rtn_weights(tiny, sampled_t1):
     ref = float(-np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1).mean())
     assert abs(first["rtn"] - ref) <= 1e-4 * ref + 1e-6, (first, ref)
     assert abs(first["float"] - ref) > 10 * abs(first["rtn"] - ref) + 1e-5, (first, ref)
+
+
+def test_a_killed_quantize_run_resumes_its_rotation_training(tmp_path):
+    """quantize.py --cayley-checkpoint, killed (SIGKILL) once a checkpoint is on disk, then run again: it resumes
+    there and ends with the uninterrupted run's losses and perplexity, to the last digit; the same folder with
+    other settings is refused in one line before any work."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = write_random_model(tmp_path / "model", "tiny-llama-smol")
+    base = [sys.executable, os.path.join(root, "scripts", "quantize.py"), "--quiet", "--model", str(model),
+            "--method", "spinquant", "--weight-quantizer", "rtn", "--cayley-steps", "60", "--cayley-batch", "4",
+            "--cayley-lr", "0.3", "--calib-windows", "8", "--calib-seq-len", "32", "--eval-windows", "2",
+            "--eval-seq-len", "32"]
+    run = lambda *a: subprocess.run([*base, *a], capture_output=True, text=True, timeout=900, cwd=root)  # noqa: E731
+    whole = run("--json", str(tmp_path / "whole.json"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ck = tmp_path / "ck"
+    proc = subprocess.Popen([*base, "--cayley-checkpoint", str(ck), "--json", str(tmp_path / "resumed.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.isdigit() for p in (ck / "spinquant").glob("*")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "resumed.json").exists()
+    resumed = run("--cayley-checkpoint", str(ck), "--json", str(tmp_path / "resumed.json"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["runs"][1] for n in ("whole", "resumed"))
+    assert 10 <= b["cayley"]["resumed_from"] < 60 and a["cayley"]["resumed_from"] == 0, b["cayley"]["resumed_from"]
+    assert a["cayley"]["losses"] == b["cayley"]["losses"] and a["ppl"] == b["ppl"]
+    other = run("--cayley-checkpoint", str(ck), "--cayley-lr", "0.5")
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1 and "holds a training of other settings (qconfig" in lines[0], \
+        other.stderr[-2000:]

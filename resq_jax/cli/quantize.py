@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cayley-windows", type=int, default=None,
                    help="train on the first N calibration windows (default: all of them)")
     g.add_argument("--cayley-batch", type=int, default=None, help="windows per training step (default 8)")
+    g.add_argument("--cayley-checkpoint", default=None, metavar="DIR",
+                   help="save the rotation training every 10 steps to DIR/<method> (orbax: rotations, optimizer "
+                        "state, losses); the same command run again resumes there, to the same rotations")
     g.add_argument("--cayley-weights", choices=("float", "rtn"), default=None,
                    help="the weights while the rotations train: float (default; SpinQuant's advice when GPTQ "
                         "follows) or RTN-quantized to --w-bits, passed straight through")
@@ -141,6 +144,28 @@ def quant_configs(args, methods: list[str]) -> list:
     return configs
 
 
+def _check_cayley_checkpoint(args, configs: list) -> None:
+    """--cayley-checkpoint: some method learns rotations, one process, and no folder of another training there."""
+    from resq_jax.pipeline.quantize import check_training_folder
+
+    learners = [qc for qc in configs if qc.cayley_steps_used]
+    if not learners:
+        raise UserError("--cayley-checkpoint applies to methods that learn rotations (spinquant, or --cayley-steps N "
+                        "with resq, quarot, resq+l2qer)")
+    if (args.num_processes or 1) > 1:
+        raise UserError("--cayley-checkpoint works in one-process jobs (every process would write the folder)")
+    if os.path.exists(args.cayley_checkpoint) and not os.path.isdir(args.cayley_checkpoint):
+        raise UserError(f"--cayley-checkpoint {args.cayley_checkpoint} is a file; give a folder")
+    from resq_jax.pipeline.recipes import QuantConfigError
+
+    for qc in learners:  # the model is not loaded yet: compare the settings now, the model and windows later
+        try:
+            check_training_folder(os.path.join(args.cayley_checkpoint, qc.method), {"qconfig": qc.to_dict()},
+                                  write=False)
+        except QuantConfigError as e:
+            raise UserError(str(e)) from None
+
+
 def main(argv=None) -> int:
     return guarded(run, parse_args(argv), module="resq_jax.cli.quantize", argv=argv)
 
@@ -155,8 +180,15 @@ def run(args) -> int:
         configs = quant_configs(args, method_list(args))
     except QuantConfigError as e:
         raise UserError(str(e)) from None
+    if args.cayley_checkpoint:
+        _check_cayley_checkpoint(args, configs)
     main_process = start(args)  # join a multi-process job (a no-op for one process) before any JAX call
     args.quiet = args.quiet or not main_process  # process 0 alone reports
+    if args.cayley_checkpoint:
+        import jax
+
+        if jax.process_count() > 1:
+            raise UserError("--cayley-checkpoint works in one-process jobs (every process would write the folder)")
     from resq_jax.pipeline.recipes import uses_gptq
 
     if any(qc.recipe.needs_calibration or uses_gptq(qc) for qc in configs):
@@ -207,8 +239,18 @@ def run(args) -> int:
         log(describe_auto())
     evals = eval_sets(loaded.tokenizer, args.eval_text, args.eval_windows, args.eval_seq_len)
     calib = None
-    if any(qc.recipe.needs_calibration or uses_gptq(qc) for qc in configs):
-        calib = _calibration_windows(args, loaded.tokenizer)
+    if any(qc.recipe.needs_calibration or uses_gptq(qc) or qc.cayley_steps_used for qc in configs):
+        calib = _calibration_windows(args, loaded.tokenizer)  # statistics, GPTQ Hessians, rotation training
+    if args.cayley_checkpoint:  # the same model and windows as the training found there
+        from resq_jax.pipeline.quantize import check_training_folder, training_fingerprint
+
+        for qc in configs:
+            if qc.cayley_steps_used:
+                try:
+                    check_training_folder(os.path.join(args.cayley_checkpoint, qc.method),
+                                          training_fingerprint(loaded.config, qc, calib), write=False)
+                except QuantConfigError as e:
+                    raise UserError(str(e)) from None
 
     # --- the work --------------------------------------------------------------------------
     from resq_jax.eval.perplexity import perplexity
@@ -227,7 +269,8 @@ def run(args) -> int:
             last[0].codes.close()
             last = None
         qm = quantize_model(loaded.config, loaded.weights, qc, calib, stats=stats_cache.get(qc.recipe.fold_norms),
-                            progress=not args.quiet, log=log, codes=CodeStore.spilled())
+                            progress=not args.quiet, log=log, codes=CodeStore.spilled(),
+                            cayley_dir=args.cayley_checkpoint if qc.cayley_steps_used else None)
         if qm.stats is not None:
             stats_cache[qc.recipe.fold_norms] = qm.stats
         # --eval-path packed: the model as pack_model stores it (runtime.pack.integer_decoder), kept for --out

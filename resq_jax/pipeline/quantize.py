@@ -4,7 +4,10 @@ embeddings, for one recipe, streaming the model layer by layer where a stage all
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Callable, Mapping, MutableMapping
 
 import numpy as np
@@ -24,6 +27,7 @@ from resq_jax.rotation import fusion
 from resq_jax.rotation.transforms import Transforms, apply_transforms, quarot_transforms, resq_transforms
 from resq_jax.transforms.hadamard import hadamard_factor
 from resq_jax.transforms.pca import high_rank
+from resq_jax.util.files import write_json_atomic
 
 
 @dataclasses.dataclass
@@ -98,10 +102,40 @@ def cayley_config(qc: QuantConfig):
                         batch_size=qc.cayley_batch_used, seed=qc.seed)
 
 
+def training_fingerprint(config: ModelConfig, qc: QuantConfig, windows: np.ndarray | None = None) -> dict:
+    """What a learned-rotation training depends on: the source model, the recipe's settings and (when given) the
+    calibration windows' SHA-256 (the settings say which of them train); a resumed run must match its
+    checkpoint's."""
+    out = {"model": config.to_dict(), "qconfig": qc.to_dict()}
+    if windows is not None:
+        out["windows_sha256"] = hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest()
+    return out
+
+
+def check_training_folder(folder, fingerprint: dict, *, write: bool) -> None:
+    """Refuse a --cayley-checkpoint folder holding another training (its fingerprint.json differs from
+    ``fingerprint`` in any key both have); with ``write``, record ``fingerprint`` there."""
+    folder = Path(folder)
+    path = folder / "fingerprint.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        diff = [k for k in fingerprint if k in old and old[k] != fingerprint[k]] if old else ["fingerprint.json"]
+        if diff:
+            raise QuantConfigError(f"--cayley-checkpoint {folder.parent}: {folder.name}/ holds a training of other "
+                                   f"settings ({', '.join(diff)} differ); give another folder or delete it")
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, fingerprint)
+
+
 def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Transforms, qc: QuantConfig,
              calib_windows: np.ndarray | None, progress: bool, log: Callable[[str], None], seconds: dict,
-             details: dict) -> Transforms:
-    """The recipe's transforms refined by Cayley SGD on the calibration windows (resq_jax.learn.refine)."""
+             details: dict, folder: Path | None = None) -> Transforms:
+    """The recipe's transforms refined by Cayley SGD on the calibration windows (resq_jax.learn.refine); with
+    ``folder`` the training checkpoints there and resumes from there."""
     from resq_jax.learn.refine import refine
 
     if calib_windows is None:
@@ -113,10 +147,13 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
     t0 = time.perf_counter()
     rtn = dataclasses.replace(weight_spec(config, qc), clip_search=False) if qc.cayley_weights == "rtn" else None
     refined, result = refine(config, w, transforms, activation_spec(config, qc), windows, cayley_config(qc),
-                             progress=f"cayley {qc.method}" if progress else False, weight_spec=rtn)
+                             progress=f"cayley {qc.method}" if progress else False, weight_spec=rtn,
+                             checkpoint_dir=folder)
+    if result.resumed_from:
+        log(f"{qc.method}: rotation training resumed from step {result.resumed_from} ({folder})")
     seconds["train"] = time.perf_counter() - t0
     details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
-                         "weights": qc.cayley_weights or "float",
+                         "weights": qc.cayley_weights or "float", "resumed_from": result.resumed_from,
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
@@ -183,7 +220,7 @@ def prepare(config: ModelConfig, weights: Mapping[str, np.ndarray],
 def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: QuantConfig,
                    calib_windows: np.ndarray | None = None, *, stats: CalibrationStats | None = None,
                    progress: bool = True, log: Callable[[str], None] = lambda s: None,
-                   codes: MutableMapping | None = None) -> QuantizedModel:
+                   codes: MutableMapping | None = None, cayley_dir: str | None = None) -> QuantizedModel:
     """The whole pipeline for one recipe: prepare -> calibrate -> transforms -> fuse -> quantize.
 
     Every stage works layer by layer from ``weights`` (a dict, a models.store.WeightStore or a view):
@@ -196,6 +233,10 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
     check_rank(config, qc)
     embed_group = check_embed_quantization(config, qc)
     source_config, source_weights = config, weights
+    folder = None  # the rotation training's checkpoints
+    if cayley_dir is not None and qc.cayley_steps_used:
+        folder = Path(cayley_dir) / qc.method
+        check_training_folder(folder, training_fingerprint(config, qc, calib_windows), write=True)
     seconds = {"calibrate": 0.0, "projections": 0.0, "train": 0.0, "fuse": 0.0, "quantize": 0.0}
     details: dict = {}
     codes = CodeStore() if codes is None else codes
@@ -214,7 +255,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
         transforms = quarot_transforms(config, qc.seed)
     seconds["projections"] = time.perf_counter() - t0
     if qc.cayley_steps_used:
-        transforms = _learned(config, w, transforms, qc, calib_windows, progress, log, seconds, details)
+        transforms = _learned(config, w, transforms, qc, calib_windows, progress, log, seconds, details, folder)
     t0 = time.perf_counter()
     w = apply_transforms(config, w, transforms)
     seconds["fuse"] = time.perf_counter() - t0
