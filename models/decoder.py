@@ -151,7 +151,7 @@ def causal_attention(q, k, v, q_positions, left_pad=None):
     slots, pos = jnp.arange(s)[None, :], jnp.repeat(q_positions, g)[:, None]
     mask = slots <= pos  # [T*G, S]
     if left_pad is not None:
-        real = jnp.arange(s)[None, :] >= left_pad[:, None]  # [B, S]
+        real = slots >= left_pad[:, None]  # [B, S]
         mask = mask & (real[:, None, None, :] | (slots == pos))  # [B, 1, T*G, S]
     out = _attend(_grouped_queries(q, kv), _kv_major(k), _kv_major(v), mask)
     return _ungroup(out, t, q.dtype)
