@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,3 +121,19 @@ def test_report_bad_checkpoint_is_one_line(quantized, tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --checkpoint")
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_lm_eval_model_runs_a_checkpoint(quantized):
+    """model_args checkpoint=DIR: the packed checkpoint through the lm-eval model, with its quantized KV cache for
+    generation (this path once failed reading the method name)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from resq_jax.cli.harness import ResqJaxLM
+
+    _, _, out, _ = quantized
+    lm = ResqJaxLM(checkpoint=str(out), batch_size=2)
+    assert lm.resolved.description.endswith("(resq, packed)") and lm.resolved.new_cache is not None
+    (logp, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("The capital of France is", " Paris"), 0)],
+                                       disable_tqdm=True)
+    assert np.isfinite(logp) and logp < 0

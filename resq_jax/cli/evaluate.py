@@ -64,25 +64,16 @@ def run(args) -> int:
     t0 = time.perf_counter()
     new_cache = None  # (rows, positions) -> an empty generation cache; None: the float cache
     if args.checkpoint:
-        from resq_jax.runtime.checkpoint import LoadedPacked, load_checkpoint
-        from resq_jax.runtime.kv_cache import init_packed_cache
-        from resq_jax.runtime.pack import packed_weights
+        from resq_jax.runtime.checkpoint import load_checkpoint, runnable
 
         expect = None if args.model is None else load(args.model).config
         try:
-            ckpt = load_checkpoint(args.checkpoint, expect_config=expect)
+            ckpt = runnable(load_checkpoint(args.checkpoint, expect_config=expect))
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
-        tokenizer, source = ckpt.tokenizer, ckpt.source
-        if isinstance(ckpt, LoadedPacked):
-            pm = ckpt.model
-            config, hooks, qconfig, weights = pm.config, pm.hooks, pm.qconfig, packed_weights(pm)
-            eval_path = "packed"
-            new_cache = lambda rows, n: init_packed_cache(pm.config, pm.spec, rows, n)  # noqa: E731
-        else:  # an older fake-quant checkpoint
-            config, hooks, qconfig = ckpt.config, ckpt.hooks, ckpt.qconfig
-            weights, eval_path = ckpt.weights, "fake"
-        method = qconfig["method"]
+        config, weights, hooks, qconfig = ckpt.config, ckpt.weights, ckpt.hooks, ckpt.qconfig
+        tokenizer, source, method, new_cache = ckpt.tokenizer, ckpt.source, ckpt.method, ckpt.new_cache
+        eval_path = "packed" if ckpt.packed else "fake"  # fake: an older fake-quant checkpoint
     else:
         loaded = load(args.model or DEFAULT_MODEL)
         config, hooks, tokenizer = loaded.config, IDENTITY, loaded.tokenizer

@@ -52,7 +52,7 @@ class Resolved:
         from resq_jax.runtime.pack import packed_weights
 
         return cls(pm.config, packed_weights(pm), pm.hooks, tokenizer, description,
-                   lambda rows, n: init_packed_cache(pm.config, pm.spec, rows, n))
+                   functools.partial(init_packed_cache, pm.config, pm.spec))
 
 
 def resolve(*, model: str | None = None, method: str = "none", checkpoint: str | None = None,
@@ -64,11 +64,11 @@ def resolve(*, model: str | None = None, method: str = "none", checkpoint: str |
     if checkpoint:
         if method != "none" or settings:
             raise ValueError("checkpoint= runs the checkpoint's own recipe; drop method= and its settings")
-        from resq_jax.runtime.checkpoint import LoadedPacked, load_checkpoint
-        ckpt = load_checkpoint(checkpoint, expect_config=None if model is None else load_model(model).config)
-        if not isinstance(ckpt, LoadedPacked):
-            return Resolved(ckpt.config, ckpt.weights, ckpt.hooks, ckpt.tokenizer, f"{checkpoint} (fake quant)")
-        return Resolved.packed(ckpt.model, ckpt.tokenizer, f"{checkpoint} ({ckpt.model.qconfig.method}, packed)")
+        from resq_jax.runtime.checkpoint import load_checkpoint, runnable
+
+        r = runnable(load_checkpoint(checkpoint, expect_config=None if model is None else load_model(model).config))
+        return Resolved(r.config, r.weights, r.hooks, r.tokenizer,
+                        f"{checkpoint} ({r.method}, {'packed' if r.packed else 'fake quant'})", r.new_cache)
     qc = None  # a bad method or setting fails before the model loads
     if method != "none":
         from resq_jax.pipeline.recipes import QuantConfig

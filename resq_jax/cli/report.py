@@ -164,19 +164,13 @@ def _checkpoint_model(path: str, config) -> tuple:
     """A checkpoint of ``config``'s model -> (label, LayerStreamer running it as evaluated, its hooks, its
     ActivationSpec)."""
     from resq_jax.models.streaming import LayerStreamer
-    from resq_jax.runtime.checkpoint import LoadedPacked, load_checkpoint
-    from resq_jax.runtime.pack import packed_weights
+    from resq_jax.runtime.checkpoint import load_checkpoint, runnable
 
     try:
-        ckpt = load_checkpoint(path, expect_config=config)
+        r = runnable(load_checkpoint(path, expect_config=config))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"--checkpoint {path}: {e}") from None
-    if isinstance(ckpt, LoadedPacked):
-        pm = ckpt.model
-        return (f"{pm.qconfig['method']} (checkpoint)", LayerStreamer.from_weights(pm.config, packed_weights(pm)),
-                pm.hooks, pm.spec)
-    return (f"{ckpt.qconfig['method']} (checkpoint)", LayerStreamer.from_weights(ckpt.config, ckpt.weights),
-            ckpt.hooks, ckpt.hooks.spec)
+    return f"{r.method} (checkpoint)", LayerStreamer.from_weights(r.config, r.weights), r.hooks, r.spec
 
 
 # --- figures --------------------------------------------------------------------------------------------------

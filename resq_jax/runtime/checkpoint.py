@@ -30,6 +30,7 @@ block) and each layer is checked again when it is read for use. The previous fak
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -549,6 +550,41 @@ def load_checkpoint(path: str | os.PathLike, *, expect_config=None) -> LoadedPac
         _check_same_model(Path(path), ckpt.config, expect_config)
         return ckpt
     return load_packed(path, expect_config=expect_config)
+
+
+@dataclasses.dataclass
+class Runnable:
+    """A loaded checkpoint of either format as the evaluators run it: ``weights`` a mapping for
+    models.decoder.from_weights / LayerStreamer (the packed view for a packed checkpoint), ``hooks`` its own
+    quantizers, ``spec`` its ActivationSpec, ``new_cache`` (rows, positions) -> an empty generation cache (the
+    packed runtime's quantized one; None: the float cache)."""
+
+    config: Any
+    weights: Any
+    hooks: Any
+    spec: ActivationSpec
+    qconfig: dict
+    tokenizer: Any
+    source: str
+    packed: bool
+    new_cache: Any = None
+
+    @property
+    def method(self) -> str:
+        return self.qconfig["method"]
+
+
+def runnable(ckpt: LoadedPacked | LoadedCheckpoint) -> Runnable:
+    """What running ``ckpt`` (load_checkpoint's result) needs, whichever its format."""
+    if isinstance(ckpt, LoadedPacked):
+        from resq_jax.runtime.kv_cache import init_packed_cache
+        from resq_jax.runtime.pack import packed_weights
+
+        pm = ckpt.model
+        return Runnable(pm.config, packed_weights(pm), pm.hooks, pm.spec, pm.qconfig, ckpt.tokenizer, ckpt.source,
+                        packed=True, new_cache=functools.partial(init_packed_cache, pm.config, pm.spec))
+    return Runnable(ckpt.config, ckpt.weights, ckpt.hooks, ckpt.hooks.spec, ckpt.qconfig, ckpt.tokenizer,
+                    ckpt.source, packed=False)
 
 
 # ----------------------------------------------------------------------------------------------
