@@ -305,6 +305,7 @@ def chunked_nll(h: jnp.ndarray, w: jnp.ndarray, target: jnp.ndarray, chunk: int 
             return jnp.matmul(h, w_c.T, precision=EXACT)
         return jnp.matmul(h, w_c, precision=EXACT)
 
+    @jax.checkpoint  # differentiated (learned rotations), the backward pass recomputes each block's logits
     def block(carry, w_c, off):
         run_max, run_sum, tgt = carry
         logits = product(w_c)  # [N, chunk]

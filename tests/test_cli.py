@@ -50,6 +50,7 @@ def assert_clean_error(res, *needles):
     (["--method", "spinquant", "--cayley-steps", "-3"], ["--cayley-steps must be an integer >= 0"]),
     (["--method", "resq", "--cayley-steps", "5", "--cayley-windows", "4"], ["--cayley-windows 4 is fewer than the 8"]),
     (["--method", "resq", "--cayley-weights", "rtn"], ["--cayley-weights does not apply to method 'resq'", "--cayley-steps N"]),
+    (["--method", "quarot", "--cayley-dtype", "bfloat16"], ["--cayley-dtype does not apply to method 'quarot'"]),
 ])
 def test_quantize_rejects_bad_settings_before_loading(args, needles):
     assert_clean_error(run("quantize.py", "--model", "/nonexistent/model", *args), *needles)

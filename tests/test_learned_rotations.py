@@ -107,6 +107,38 @@ def test_refined_transforms_fuse_to_the_rotated_weights(fused):
     assert dataclasses.replace(refined, residual=None, value=None) == dataclasses.replace(t, residual=None, value=None)
 
 
+def test_bfloat16_storage_rounds_the_stored_model_only(fused):
+    """stack_layers(..., bfloat16): the linears and vocabulary tables stored as bfloat16 bit patterns (half their
+    bytes; as_float32 decodes them to the ml_dtypes rounding of the float64 weights), norms, biases and key
+    rotations in float32; the quantized loss is that of the float32 model whose large arrays were rounded to
+    bfloat16, since every layer is widened to float32 before it is rotated, and it differs from the unrounded
+    model's only by that rounding."""
+    import ml_dtypes
+
+    from resq_jax.learn.rotated import as_float32
+
+    config, _, _, weights = fused
+    f32, bf = stack_layers(config, weights), stack_layers(config, weights, jnp.bfloat16)
+    linears = ("q", "k", "v", "o", "gate", "up", "down")
+    for name in linears:
+        assert 2 * bf["layers"][name].nbytes == f32["layers"][name].nbytes
+    np.testing.assert_array_equal(np.asarray(as_float32(bf["layers"]["gate"][1])),
+                                  np.asarray(weights["layers.1.gate"], np.float64).astype(ml_dtypes.bfloat16))
+    assert 2 * bf["embed"].nbytes == f32["embed"].nbytes and 2 * bf["lm_head"].nbytes == f32["lm_head"].nbytes
+    assert all(v.dtype == jnp.float32 for k, v in bf["layers"].items() if k not in linears)
+    big = ("embed", "lm_head") + tuple(f".{n}" for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    rounded = {k: (np.asarray(v, np.float64).astype(ml_dtypes.bfloat16).astype(np.float64)
+                   if k in big[:2] or k.endswith(big[2:]) else v) for k, v in weights.items()}
+    assert sum(not np.array_equal(rounded[k], weights[k]) for k in weights) == 2 + 7 * config.num_layers
+    spec = ActivationSpec(a_bits=4, kv_bits=4, down_bits=4, high_bits=8, high_residual=8, high_head=2)
+    rots, hooks = _random_rotations(config, np.random.default_rng(3)), FakeQuantHooks(spec)
+    got = np.asarray(rotated_nll(rots, bf, TOKENS, config=config, hooks=hooks))
+    ref = np.asarray(rotated_nll(rots, stack_layers(config, rounded), TOKENS, config=config, hooks=hooks))
+    full = np.asarray(rotated_nll(rots, f32, TOKENS, config=config, hooks=hooks))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert 1e-6 < np.abs(got - full).max() / np.abs(full).max() < 2e-2, (got, full)
+
+
 def _decoder_nll(config, weights, hooks) -> np.ndarray:
     """Mean next-token loss per window [B] of the decoder built from ``weights``, log-softmax in float64."""
     logits = np.asarray(from_weights(config, weights)(TOKENS, hooks=hooks)[0], np.float64)
@@ -329,6 +361,24 @@ def test_pipeline_trains_against_rtn_weights(tiny, sampled_t1):
     ref = float(-np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1).mean())
     assert abs(first["rtn"] - ref) <= 1e-4 * ref + 1e-6, (first, ref)
     assert abs(first["float"] - ref) > 10 * abs(first["rtn"] - ref) + 1e-5, (first, ref)
+
+
+def test_pipeline_stores_the_frozen_model_in_bfloat16_when_asked(tiny, sampled):
+    """--cayley-dtype bfloat16 reaches the training (recorded in the JSON details and the qconfig) and only rounds
+    the stored model: the first step's loss is within 1% of the float32 run's, and not equal to it."""
+    from resq_jax.pipeline.quantize import quantize_model
+    from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
+
+    m = tiny
+    common = {"method": "quarot", "weight_quantizer": "rtn", "cayley_steps": 1, "cayley_batch": 4, "cayley_lr": 0.3}
+    first = {}
+    for dtype in ("float32", "bfloat16"):
+        q = quantize_model(m.config, m.weights, QuantConfig(**common, cayley_dtype=dtype), sampled, progress=False)
+        assert q.details["cayley"]["dtype"] == dtype and q.qconfig.to_dict()["cayley_dtype"] == dtype
+        first[dtype] = q.details["cayley"]["losses"][0]
+    assert 0 < abs(first["bfloat16"] - first["float32"]) < 1e-2 * first["float32"], first
+    with pytest.raises(QuantConfigError, match="--cayley-dtype must be one of float32, bfloat16"):
+        QuantConfig(**common, cayley_dtype="float16")
 
 
 def test_a_killed_quantize_run_resumes_its_rotation_training(tmp_path):

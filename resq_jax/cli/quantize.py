@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cayley-weights", choices=("float", "rtn"), default=None,
                    help="the weights while the rotations train: float (default; SpinQuant's advice when GPTQ "
                         "follows) or RTN-quantized to --w-bits, passed straight through")
+    g.add_argument("--cayley-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="how the frozen model is stored while the rotations train: float32 (default) or bfloat16 "
+                        "(half the memory, for large models; the arithmetic stays float32)")
     p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
                    help=f"calibration text: a UTF-8 file or a built-in name ({', '.join(BUILTIN_TEXTS)}); "
                         "default %(default)s")

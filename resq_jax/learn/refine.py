@@ -9,8 +9,9 @@ SpinQuant learn one full rotation of each. The weights stay in float while the r
 advice when GPTQ follows), or with ``weight_spec`` are RTN-quantized straight-through (its setting when RTN
 follows); the quantizer then sees the refined model exactly as it would see the recipe's.
 
-Memory: the fused model is held whole in float32 with its stacked layers (``stack_layers``), plus one layer's
-activations under rematerialization, so training suits models that fit the host (SmolLM2, Qwen2.5-0.5B), not 7B.
+Memory: the fused model is held whole on the device with its stacked layers (``stack_layers``), in ``cc.dtype``
+(float32; bfloat16 halves it), built one stacked array at a time from the fused view, plus one layer's activations
+under rematerialization and each layer's input.
 """
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ def refine(config: ModelConfig, weights: Mapping[str, np.ndarray], transforms: T
         raise ValueError("learned rotations refine a recipe's residual and value rotations; this recipe has none")
     start = identity_rotations(subspace_blocks(config.hidden_size, spec.high_residual),
                                subspace_blocks(config.head_dim, spec.high_head), config.num_layers)
-    # the stacked model is handed over without a reference kept here, so training holds only its device copy
-    result = train_rotations(config, stack_layers(config, apply_transforms(config, weights, transforms)), start,
-                             np.asarray(windows), StraightThrough(FakeQuantHooks(spec)), cc, progress=progress,
-                             checkpoint_dir=checkpoint_dir, weight_spec=weight_spec)
+    frozen = stack_layers(config, apply_transforms(config, weights, transforms), cc.dtype)
+    result = train_rotations(config, frozen, start, np.asarray(windows), StraightThrough(FakeQuantHooks(spec)), cc,
+                             progress=progress, checkpoint_dir=checkpoint_dir, weight_spec=weight_spec)
     return refined_transforms(transforms, result.rotations), result

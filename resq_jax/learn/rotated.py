@@ -18,7 +18,9 @@ high-precision rows in high_bits, no clipping search) and passed straight throug
 rotations train against the quantized weights as well (``quantize_rotated``).
 
 ``rotated_nll`` runs the layers with ``lax.scan`` over their stacked weights and ``jax.checkpoint`` per layer,
-so the backward pass keeps one layer's activations at a time plus each layer's input.
+so the backward pass keeps one layer's activations at a time plus each layer's input. The frozen weights may be
+stored in bfloat16 (``stack_layers``); every layer is cast to float32 before it is rotated, so the arithmetic is
+float32 either way and only the stored model is rounded.
 """
 from __future__ import annotations
 
@@ -72,20 +74,46 @@ def identity_rotations(residual_blocks: Sequence[int], value_blocks: Sequence[in
             "value": tuple(jnp.broadcast_to(jnp.eye(n, dtype=dtype), (num_layers, n, n)) for n in value_blocks)}
 
 
-def stack_layers(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> dict:
-    """A fused model's weights (untied, norms folded) as the frozen input of ``rotated_nll``: the vocabulary tables,
-    the final norm, and {name: [L, ...]} of the layers' arrays (float32), ``down_hadamard`` as an int."""
-    layers = {}
-    for name in LAYER_KEYS:
-        if f"layers.0.{name}" in weights:
-            layers[name] = np.stack([np.asarray(weights[f"layers.{i}.{name}"], np.float32)
-                                     for i in range(config.num_layers)])
+def stack_layers(config: ModelConfig, weights: Mapping[str, np.ndarray], dtype=jnp.float32) -> dict:
+    """A fused model's weights (untied, norms folded) as the frozen input of ``rotated_nll``, on the default device:
+    the vocabulary tables, the final norm, and {name: [L, ...]} of the layers' arrays; ``down_hadamard`` an int.
+
+    The linears and the vocabulary tables are stored in ``dtype``: float32, or bfloat16 (half the memory) kept as
+    its bit pattern in uint16 (``as_float32`` decodes it), because XLA's CPU backend turns a bfloat16 slice of the
+    stack inside the layer loop into a float32 copy of the whole stack outside it. Norms, biases and key rotations
+    stay float32. Each array is filled layer by layer on the host (``weights`` may be a view computed on access)
+    and moved to the device before the next is built, so the host holds the device copy plus one stacked array."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"the frozen model is stored in float32 or bfloat16, not {dtype}")
+    big = set(LINEARS) | {"embed", "lm_head"}
+
+    def stored(out: np.ndarray) -> jax.Array:
+        return jax.device_put(out.view(np.uint16) if out.dtype == jnp.bfloat16 else out)
+
+    def stacked(name):
+        first = np.asarray(weights[f"layers.0.{name}"])
+        out = np.empty((config.num_layers, *first.shape), dtype if name in big else np.float32)
+        out[0] = first
+        for i in range(1, config.num_layers):
+            out[i] = np.asarray(weights[f"layers.{i}.{name}"])
+        return stored(out)
+
     if "lm_head" not in weights:
         raise ValueError("rotated_nll needs an untied model (a separate lm_head): fuse the recipe's transforms first")
-    return {"embed": np.asarray(weights["embed"], np.float32), "lm_head": np.asarray(weights["lm_head"], np.float32),
-            "norm": np.asarray(weights["norm"], np.float32), "layers": layers,
+    return {"embed": stored(np.asarray(weights["embed"], dtype)),
+            "lm_head": stored(np.asarray(weights["lm_head"], dtype)),
+            "norm": stored(np.asarray(weights["norm"], np.float32)),
+            "layers": {name: stacked(name) for name in LAYER_KEYS if f"layers.0.{name}" in weights},
             "down_hadamard": int(weights.get("layers.0.down_hadamard", 0) or 0)}
 
+
+def as_float32(x: jax.Array) -> jax.Array:
+    """A stored frozen array (``stack_layers``) in float32: bfloat16 bit patterns (uint16) are widened exactly
+    (bfloat16 is the top half of a float32), float32 passes through."""
+    if x.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
+    return x.astype(jnp.float32)
 
 
 def rotate_layer(config: ModelConfig, w: Mapping[str, jax.Array], q1: jax.Array, q2: jax.Array) -> dict:
@@ -134,13 +162,13 @@ def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: Mod
     t = tokens.shape[1]
     positions = jnp.arange(t)
     cos, sin = rope_tables(jnp.asarray(inverse_frequencies(config)), positions)
-    x = exact_matmul(jnp.take(jnp.asarray(frozen["embed"]), tokens, axis=0), q1)
+    x = exact_matmul(as_float32(jnp.take(jnp.asarray(frozen["embed"]), tokens, axis=0)), q1)
     hadamard = frozen["down_hadamard"]
 
     @jax.checkpoint
     def layer(x, xs):
         w, q2_l = xs
-        rotated = rotate_layer(config, w, q1, q2_l)
+        rotated = rotate_layer(config, {k: as_float32(v) for k, v in w.items()}, q1, q2_l)
         if weight_spec is not None:
             rotated = quantize_rotated(config, rotated, weight_spec)
         named = {f"layers.0.{k}": v for k, v in rotated.items()}
@@ -152,7 +180,10 @@ def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: Mod
     x, _ = jax.lax.scan(layer, x, ({k: jnp.asarray(v) for k, v in frozen["layers"].items()}, q2))
     b, _, d = x.shape
     h = rms_norm(x, jnp.asarray(frozen["norm"]), config.rms_eps).astype(jnp.float32)[:, :-1].reshape(-1, d)
-    nll = chunked_nll(h, exact_matmul(q1.T, jnp.asarray(frozen["lm_head"])), tokens[:, 1:].reshape(-1), vocab_axis=1)
+    head = jnp.asarray(frozen["lm_head"])  # (Q1^T W) is applied as (h Q1^T) W: no rotated copy of the head
+    if head.dtype == jnp.uint16:
+        head = jax.lax.bitcast_convert_type(head, jnp.bfloat16)  # chunked_nll widens it a chunk at a time
+    nll = chunked_nll(exact_matmul(h, q1.T), head, tokens[:, 1:].reshape(-1), vocab_axis=1)
     return nll.reshape(b, t - 1).mean(axis=-1)
 
 

@@ -27,10 +27,14 @@ from resq_jax.quant.layouts import WeightSpec
 from resq_jax.transforms.cayley import cayley_sgd, check_orthogonal
 from resq_jax.util.progress import progress_bar
 
+FROZEN_DTYPES = ("float32", "bfloat16")
+
 
 @dataclasses.dataclass(frozen=True)
 class CayleyConfig:
-    """Defaults from the ResQ / SpinQuant papers: 100 steps, batch 8, lr 1.5 with cosine decay, momentum 0.9."""
+    """Defaults from the ResQ / SpinQuant papers: 100 steps, batch 8, lr 1.5 with cosine decay, momentum 0.9.
+    ``dtype``: how the frozen model is stored while the rotations train (float32, or bfloat16: half the memory,
+    float32 arithmetic either way)."""
 
     steps: int = 100
     lr: float = 1.5
@@ -39,11 +43,14 @@ class CayleyConfig:
     seed: int = 0
     checkpoint_every: int = 10
     diverge_factor: float = 4.0
+    dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"CayleyConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.dtype not in FROZEN_DTYPES:
+            raise ValueError(f"the frozen model's dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.dtype!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"the Cayley learning rate must be a positive number, got {self.lr!r}")
 
@@ -98,10 +105,9 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
         rotations, state, losses = got["rotations"], got["opt"], np.asarray(got["losses"])
 
     # the frozen model is an argument, not a closure: closed-over arrays would be baked into the executable as
-    # constants (a second copy of the model, and a slow compile)
+    # constants (a second copy of the model, and a slow compile); stack_layers already put it on the device
     arrays = jax.device_put({k: v for k, v in frozen.items() if k != "down_hadamard"})
     hadamard = frozen["down_hadamard"]
-    del frozen  # the host copy (the caller may hand it over without keeping a reference)
 
     @jax.jit
     def step(rotations, state, tokens, arrays):

@@ -99,7 +99,7 @@ def cayley_config(qc: QuantConfig):
     from resq_jax.learn.train import CayleyConfig
 
     return CayleyConfig(steps=qc.cayley_steps_used, lr=DEFAULT_CAYLEY_LR if qc.cayley_lr is None else float(qc.cayley_lr),
-                        batch_size=qc.cayley_batch_used, seed=qc.seed)
+                        batch_size=qc.cayley_batch_used, seed=qc.seed, dtype=qc.cayley_dtype or "float32")
 
 
 def training_fingerprint(config: ModelConfig, qc: QuantConfig, windows: np.ndarray | None = None) -> dict:
@@ -153,7 +153,8 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
         log(f"{qc.method}: rotation training resumed from step {result.resumed_from} ({folder})")
     seconds["train"] = time.perf_counter() - t0
     details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
-                         "weights": qc.cayley_weights or "float", "resumed_from": result.resumed_from,
+                         "weights": qc.cayley_weights or "float", "dtype": qc.cayley_dtype or "float32",
+                         "resumed_from": result.resumed_from,
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")

@@ -92,7 +92,7 @@ LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 # and silently dropped is a wrong result nobody notices); the CLI passes each flag to the methods it
 # applies to and refuses a flag that none of the requested methods uses.
 SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size",
-            "cayley_steps", "cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights")
+            "cayley_steps", "cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype")
 DEFAULT_ACT_ORDER = False
 
 
@@ -103,7 +103,7 @@ def setting_applies(name: str, method: str, high_fraction: float | None = None,
     integer = r.quantize and r.formats == "int"
     if name == "cayley_steps":
         return integer and r.residual != "none"
-    if name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights"):
+    if name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype"):
         steps = r.default_cayley_steps if cayley_steps is None else cayley_steps
         return integer and r.residual != "none" and steps > 0
     if name in ("high_fraction", "weight_quantizer"):
@@ -133,8 +133,10 @@ _WHY = {
     "cayley_windows": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_batch": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_weights": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
+    "cayley_dtype": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
 }
 CAYLEY_WEIGHTS = ("float", "rtn")  # the weights while rotations train: float, or RTN-quantized straight-through
+CAYLEY_DTYPES = ("float32", "bfloat16")  # how the frozen model is stored while they train (float32 arithmetic)
 
 
 def not_applicable(name: str, methods: Sequence[str]) -> str:
@@ -171,6 +173,7 @@ class QuantConfig:
     cayley_windows: int | None = None  # the first N calibration windows train them (None: all)
     cayley_batch: int | None = None  # windows per step (None: 8)
     cayley_weights: str | None = None  # weights while they train: "float" (None) or "rtn" (straight-through)
+    cayley_dtype: str | None = None  # the frozen model's storage while they train: "float32" (None) or "bfloat16"
 
     def __post_init__(self):
         if self.method not in RECIPES:
@@ -231,6 +234,9 @@ class QuantConfig:
         if self.cayley_weights is not None and self.cayley_weights not in CAYLEY_WEIGHTS:
             raise QuantConfigError(f"--cayley-weights must be one of {', '.join(CAYLEY_WEIGHTS)}, got "
                                    f"{self.cayley_weights!r}")
+        if self.cayley_dtype is not None and self.cayley_dtype not in CAYLEY_DTYPES:
+            raise QuantConfigError(f"--cayley-dtype must be one of {', '.join(CAYLEY_DTYPES)}, got "
+                                   f"{self.cayley_dtype!r}")
         if self.cayley_windows is not None and self.cayley_windows < self.cayley_batch_used:
             raise QuantConfigError(f"--cayley-windows {self.cayley_windows} is fewer than the {self.cayley_batch_used} "
                                    "windows of one step (--cayley-batch); give at least that many")
@@ -297,8 +303,10 @@ class QuantConfig:
             d["cayley_lr"] = DEFAULT_CAYLEY_LR if self.cayley_lr is None else float(self.cayley_lr)
             d["cayley_batch"] = self.cayley_batch_used
             d["cayley_weights"] = self.cayley_weights or "float"
+            d["cayley_dtype"] = self.cayley_dtype or "float32"
         else:
-            d["cayley_lr"] = d["cayley_windows"] = d["cayley_batch"] = d["cayley_weights"] = None
+            for name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype"):
+                d[name] = None
         if not uses_gptq(self):
             d["act_order"] = d["damp"] = None
         if self.recipe.formats == "mxint":
