@@ -24,6 +24,8 @@ from resq_jax.models.views import SpilledTable, assemble_vocab, vocab_slice
 from resq_jax.pipeline.quantize import quantize_model
 from resq_jax.pipeline.recipes import QuantConfig
 from resq_jax.quant.code_store import CodeStore
+from resq_jax.quant.fake_quant import FakeQuantHooks
+from resq_jax.quant.layouts import ActivationSpec
 from resq_jax.rotation.fusion import FoldedWeights, rotated_residual
 from resq_jax.runtime.pack import pack_model, packed_decoder, packed_streamer
 from resq_jax.transforms.orthogonal import random_orthogonal
@@ -125,14 +127,24 @@ def test_streamed_evaluation_equals_whole_model(store_model):
         np.testing.assert_array_equal(np.asarray(a.q_low), b.q_low, err_msg=k)
         np.testing.assert_array_equal(np.asarray(a.scale_low), b.scale_low, err_msg=k)
 
-    streamed = perplexity(LayerStreamer.from_weights(spilled.config, spilled.weights), windows, batch_size=2,
-                          hooks=spilled.hooks, progress=False)
-    whole = _nll_whole(from_weights(spilled.config, dict(spilled.weights)), windows, spilled.hooks)
-    np.testing.assert_allclose(streamed.window_nll, whole, rtol=1e-5)
+    streamer = LayerStreamer.from_weights(spilled.config, spilled.weights)
+    decoder = from_weights(spilled.config, dict(spilled.weights))
+    # Quantized weights, float activations: the streamed program equals the whole model's to float rounding.
+    float_acts = FakeQuantHooks(ActivationSpec())
+    plain = perplexity(streamer, windows, batch_size=2, hooks=float_acts, progress=False).window_nll
+    np.testing.assert_allclose(plain, _nll_whole(decoder, windows, float_acts), rtol=1e-5)
+    # W4A4KV4: the per-layer programs and the whole-model program round differently in the last bit, which can
+    # move a 4-bit activation across a rounding boundary, and one moved code shifts a window's mean NLL by
+    # ~1e-3 (a CI machine moved 2 of 5 windows by 2e-4 and 5e-4 relative where this one moves none). Checked
+    # here: the streamed program quantizes the activations (they move the NLL by 8e-3 on this random model)
+    # and agrees with the whole model within that rounding; the sharp check of the streaming is the one above.
+    streamed = perplexity(streamer, windows, batch_size=2, hooks=spilled.hooks, progress=False).window_nll
+    assert np.abs(streamed / plain - 1).max() > 4e-3
+    np.testing.assert_allclose(streamed, _nll_whole(decoder, windows, spilled.hooks), rtol=2e-3)
 
     pm = pack_model(spilled)
     packed = perplexity(packed_streamer(pm), windows, batch_size=2, hooks=pm.hooks, progress=False)
-    np.testing.assert_allclose(packed.window_nll, _nll_whole(packed_decoder(pm), windows, pm.hooks), rtol=1e-5)
+    np.testing.assert_allclose(packed.window_nll, _nll_whole(packed_decoder(pm), windows, pm.hooks), rtol=2e-3)
     # spilled codes: the float16 vocabulary tables are files in the same folder, equal to the in-memory pack's
     pm_memory = pack_model(memory)
     for name in ("embed", "lm_head"):
