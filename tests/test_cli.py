@@ -51,6 +51,8 @@ def assert_clean_error(res, *needles):
     (["--method", "resq", "--cayley-steps", "5", "--cayley-windows", "4"], ["--cayley-windows 4 is fewer than the 8"]),
     (["--method", "resq", "--cayley-weights", "rtn"], ["--cayley-weights does not apply to method 'resq'", "--cayley-steps N"]),
     (["--method", "quarot", "--cayley-dtype", "bfloat16"], ["--cayley-dtype does not apply to method 'quarot'"]),
+    (["--method", "resq", "--cayley-micro-batch", "2"], ["--cayley-micro-batch does not apply to method 'resq'"]),
+    (["--method", "spinquant", "--cayley-micro-batch", "3"], ["--cayley-micro-batch 3 must divide the 8 windows"]),
 ])
 def test_quantize_rejects_bad_settings_before_loading(args, needles):
     assert_clean_error(run("quantize.py", "--model", "/nonexistent/model", *args), *needles)

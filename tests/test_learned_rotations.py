@@ -139,6 +139,25 @@ def test_bfloat16_storage_rounds_the_stored_model_only(fused):
     assert 1e-6 < np.abs(got - full).max() / np.abs(full).max() < 2e-2, (got, full)
 
 
+@pytest.mark.parametrize("shape", ["tiny-llama-smol", "tiny-qwen2"])
+def test_frozen_spec_is_the_stacked_fused_model(tmp_path, shape):
+    """learn.rotated.frozen_spec (the shapes a step compiles against without weights: the benchmark's 7B step)
+    names exactly the arrays, shapes and stored dtypes stack_layers gives the fused rotated model (residual,
+    value and key rotations, down_proj Hadamard, as every recipe with learned rotations fuses it), float32 and
+    bfloat16, Llama (no biases) and Qwen2 (q/k/v biases)."""
+    from resq_jax.learn.rotated import frozen_spec
+
+    m = load_model(str(write_random_model(tmp_path / "m", shape)))
+    view = fusion.FoldedWeights(m.config, m.weights)
+    config = view.untied_config
+    weights = dict(apply_transforms(config, view, quarot_transforms(config, seed=0)))
+    def described(tree):
+        return jax.tree.map(lambda a: (a.shape, a.dtype) if hasattr(a, "shape") else a, tree)
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert described(stack_layers(config, weights, dtype)) == described(frozen_spec(config, dtype)), dtype
+
+
 def _decoder_nll(config, weights, hooks) -> np.ndarray:
     """Mean next-token loss per window [B] of the decoder built from ``weights``, log-softmax in float64."""
     logits = np.asarray(from_weights(config, weights)(TOKENS, hooks=hooks)[0], np.float64)
@@ -381,6 +400,23 @@ def test_pipeline_stores_the_frozen_model_in_bfloat16_when_asked(tiny, sampled):
         QuantConfig(**common, cayley_dtype="float16")
 
 
+def test_pipeline_micro_batches_change_the_memory_not_the_training(tiny, sampled):
+    """--cayley-micro-batch 2 reaches the training (JSON details, qconfig), the first step's loss is the whole
+    batch's, and the training fingerprint (what a resumed run must match) leaves it out."""
+    from resq_jax.pipeline.quantize import quantize_model, training_fingerprint
+    from resq_jax.pipeline.recipes import QuantConfig
+
+    common = {"method": "quarot", "weight_quantizer": "rtn", "cayley_steps": 1, "cayley_batch": 4, "cayley_lr": 0.3}
+    whole = quantize_model(tiny.config, tiny.weights, QuantConfig(**common), sampled, progress=False)
+    qc = QuantConfig(**common, cayley_micro_batch=2)
+    micro = quantize_model(tiny.config, tiny.weights, qc, sampled, progress=False)
+    assert micro.details["cayley"]["micro_batch"] == 2 and qc.to_dict()["cayley_micro_batch"] == 2
+    assert whole.details["cayley"]["micro_batch"] == 4
+    np.testing.assert_allclose(micro.details["cayley"]["losses"], whole.details["cayley"]["losses"], rtol=1e-6)
+    assert training_fingerprint(tiny.config, qc, sampled) == training_fingerprint(tiny.config, QuantConfig(**common),
+                                                                                sampled)
+
+
 def test_a_killed_quantize_run_resumes_its_rotation_training(tmp_path):
     """quantize.py --cayley-checkpoint, killed (SIGKILL) once a checkpoint is on disk, then run again: it resumes
     there and ends with the uninterrupted run's losses and perplexity, to the last digit; the same folder with
@@ -420,3 +456,42 @@ def test_a_killed_quantize_run_resumes_its_rotation_training(tmp_path):
     lines = other.stderr.strip().splitlines()
     assert other.returncode == 2 and len(lines) == 1 and "holds a training of other settings (qconfig" in lines[0], \
         other.stderr[-2000:]
+
+
+def test_compile_only_step_memory_counts_the_frozen_model():
+    """scripts/benchmark.py --section cayley compiles a training step against the shapes alone: its frozen model
+    is tiny-qwen2's fused arrays counted by hand (float32; the linears and vocabulary tables at 2 bytes in
+    bfloat16), XLA's arguments are that plus the rotations and optimizer state (ResQ's blocks: 56 + 8 residual,
+    14 + 2 per value head and layer), and the step keeps temporaries."""
+    from resq_jax.cli.benchmark import cayley_step
+
+    out = cayley_step("tiny-qwen2", 2, 16, method="resq")
+    n, d, f, v, hd = 4, 64, 96, 512, 16
+    big = 2 * v * d + n * (d * 64 + 2 * d * 32 + 64 * d + 2 * d * f + f * d)  # embed, head, q k v o gate up down
+    small = d + n * (2 * d + hd * hd + 64 + 32 + 32)  # final norm; norms, key rotation, q/k/v biases
+    rot = 56 ** 2 + 8 ** 2 + n * (14 ** 2 + 2 ** 2)
+    for dtype, width in (("float32", 4), ("bfloat16", 2)):
+        got = out["dtypes"][dtype]
+        assert got["frozen_model_gb"] * 1e9 == width * big + 4 * small, dtype
+        extra = got["arguments_gb"] * 1e9 - got["frozen_model_gb"] * 1e9
+        assert 2 * 4 * rot <= extra <= 3 * 4 * rot + 4 * 2 * 16 + 64, (dtype, extra)  # rotations, momentum, tokens
+        assert got["temporaries_gb"] > 0
+
+
+def test_micro_batches_sum_to_the_whole_batch_step(fused):
+    """CayleyConfig(micro_batch=m): the 4 windows of a step pass 1 or 2 at a time and their losses and gradients
+    are summed: the step's loss and its update of the rotations are those of the whole batch (to float rounding;
+    one step, since Cayley SGD at lr 1.5 amplifies rounding over steps), and a micro-batch that does not divide
+    the batch is refused."""
+    from resq_jax.learn.train import CayleyConfig
+
+    whole = _train(fused, steps=1)
+    moved = max(float(jnp.abs(x - jnp.eye(x.shape[-1])).max()) for x in jax.tree.leaves(whole.rotations))
+    assert moved > 1e-2, moved
+    for m in (1, 2):
+        micro = _train(fused, steps=1, micro_batch=m)
+        np.testing.assert_allclose(micro.losses, whole.losses, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(whole.rotations), jax.tree.leaves(micro.rotations)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-3 * moved)
+    with pytest.raises(ValueError, match="micro-batch .3. must divide the batch .4 windows"):
+        CayleyConfig(batch_size=4, micro_batch=3)

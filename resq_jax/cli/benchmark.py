@@ -16,14 +16,22 @@ Sections (default: all that are available):
               projections, GPTQ with its seconds per layer, quantized evaluation, checkpoint
               write, checkpoint load and evaluation), and the model's size on disk and in float32
 
+  cayley      one rotation-training step (scripts/quantize.py --cayley-steps) compiled against the model's
+              shapes alone, no weights loaded (--model: a built-in name, a folder, or a shape of
+              scripts/make_random_model.py such as qwen2.5-7b): XLA's memory analysis (arguments =
+              the frozen model, rotations and optimizer state; temporaries = the activations kept
+              for the backward pass) for float32 and bfloat16 storage, and the compile time
+
   python scripts/benchmark.py --out results/benchmark.json
   python scripts/benchmark.py --section throughput --seq-len 512 --windows 8
   python scripts/benchmark.py --section packed --weight-quantizer rtn
   python scripts/benchmark.py --section scale --model DIR --calib-windows 8 --eval-windows 2
+  python scripts/benchmark.py --section cayley --model qwen2.5-7b --batch-size 8 --seq-len 2048
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -31,7 +39,7 @@ import subprocess
 import sys
 import time
 
-SECTIONS = ("throughput", "stages", "hadamard", "packed", "scale")
+SECTIONS = ("throughput", "stages", "hadamard", "packed", "scale", "cayley")
 DEFAULT_SECTIONS = ("throughput", "stages", "hadamard", "packed")  # scale needs a large --model
 RUNTIME_PATHS = ("float", "fake", "packed")
 
@@ -274,6 +282,70 @@ def scale(model_spec: str, calib_windows: int, eval_windows_n: int, seq_len: int
                          "one_layer_float32": None if layer_f32 is None else layer_f32 / 1e6}}
 
 
+def _model_config(model_spec: str):
+    """The config of a built-in name, a folder or a .gguf file (weights not read), or of a synthetic shape."""
+    from resq_jax.models.config import config_from_hf
+    from resq_jax.models.loaders import load_model
+    from resq_jax.models.synthetic import SHAPES, hf_config
+
+    if model_spec in SHAPES:
+        return config_from_hf(hf_config(model_spec)), f"shape {model_spec}"
+    loaded = load_model(model_spec, with_tokenizer=False)
+    return loaded.config, loaded.source
+
+
+def cayley_step(model_spec: str, batch: int, seq_len: int, method: str = "resq",
+                dtypes=("float32", "bfloat16"), micro_batches=(None,)) -> dict:
+    """XLA's memory analysis of one compiled rotation-training step (learn.train.training_step, the recipe's
+    activation/KV quantizers straight-through, float weights) at [batch, seq_len] tokens, compiled against the
+    shapes of the fused model (learn.rotated.frozen_spec) for each storage dtype: nothing is allocated, so a
+    7B step is measured on a small machine, for each micro-batch (None: the whole batch in one pass). The figures
+    are XLA:CPU's buffer assignment; a GPU compile differs."""
+    import jax
+    import jax.numpy as jnp
+
+    from resq_jax.learn.refine import subspace_blocks
+    from resq_jax.learn.rotated import StraightThrough, frozen_spec, identity_rotations
+    from resq_jax.learn.train import optimizer, training_step
+    from resq_jax.pipeline.quantize import activation_spec, cayley_config, check_hadamard_sizes
+    from resq_jax.pipeline.recipes import QuantConfig
+    from resq_jax.quant.fake_quant import FakeQuantHooks
+
+    config, source = _model_config(model_spec)
+    out = {"model": source, "method": method, "layers": config.num_layers, "hidden": config.hidden_size,
+           "vocab": config.vocab_size, "batch": batch, "seq_len": seq_len, "backend": jax.default_backend(),
+           "runs": []}
+    for dtype in dtypes:
+        for micro in micro_batches:
+            qc = QuantConfig(method=method, cayley_steps=1 if method != "spinquant" else None, cayley_batch=batch,
+                             cayley_dtype=dtype, cayley_micro_batch=micro)
+            check_hadamard_sizes(config, qc.recipe)
+            spec = activation_spec(config, qc)
+            blocks = (subspace_blocks(config.hidden_size, spec.high_residual),
+                      subspace_blocks(config.head_dim, spec.high_head), config.num_layers)
+            rotations = jax.eval_shape(functools.partial(identity_rotations, *blocks))
+            cc = cayley_config(qc)
+            opt = optimizer(cc)
+            frozen = frozen_spec(config, dtype)
+            arrays = {k: v for k, v in frozen.items() if k != "down_hadamard"}
+            step = training_step(config, opt, StraightThrough(FakeQuantHooks(spec)), hadamard=frozen["down_hadamard"],
+                                 micro_batch=cc.micro_batch)
+            t0 = time.perf_counter()
+            compiled = step.lower(rotations, jax.eval_shape(opt.init, rotations),
+                                  jax.ShapeDtypeStruct((batch, seq_len), jnp.int32), arrays).compile()
+            seconds = time.perf_counter() - t0
+            ma = compiled.memory_analysis()
+            frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(arrays))
+            out["runs"].append({"dtype": dtype, "micro_batch": micro or batch, "compile_seconds": seconds,
+                                "frozen_model_gb": frozen_bytes / 1e9,
+                                "arguments_gb": ma.argument_size_in_bytes / 1e9,
+                                "temporaries_gb": ma.temp_size_in_bytes / 1e9,
+                                "outputs_gb": ma.output_size_in_bytes / 1e9,
+                                "total_gb": (ma.argument_size_in_bytes + ma.temp_size_in_bytes
+                                             + ma.output_size_in_bytes - ma.alias_size_in_bytes) / 1e9})
+    return out
+
+
 def _folder_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6
 
@@ -396,6 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (XLA uses all cores)")
+    p.add_argument("--micro-batch", type=int, action="append",
+                   help="cayley section: windows per pass (repeatable; default the whole --batch-size)")
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--out", default=os.path.join("results", "benchmark.json"))
@@ -455,6 +529,9 @@ def main(argv=None) -> int:
             if out.returncode:
                 raise SystemExit(f"scale section failed:\n{out.stderr[-3000:]}")
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        elif name == "cayley":
+            results[name] = cayley_step(args.model, args.batch_size, args.seq_len,
+                                        micro_batches=tuple(args.micro_batch or [None]))
         elif name == "hadamard":
             try:
                 results[name] = hadamard_section()

@@ -97,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cayley-dtype", choices=("float32", "bfloat16"), default=None,
                    help="how the frozen model is stored while the rotations train: float32 (default) or bfloat16 "
                         "(half the memory, for large models; the arithmetic stays float32)")
+    g.add_argument("--cayley-micro-batch", type=int, default=None, metavar="M",
+                   help="windows per forward and backward pass of a training step, the gradient summed over "
+                        "--cayley-batch / M passes (default: the whole batch at once); the same training with "
+                        "one pass's activations in memory (7B at 8 x 2048 tokens: docs/algorithms.md)")
     p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
                    help=f"calibration text: a UTF-8 file or a built-in name ({', '.join(BUILTIN_TEXTS)}); "
                         "default %(default)s")

@@ -108,6 +108,24 @@ def stack_layers(config: ModelConfig, weights: Mapping[str, np.ndarray], dtype=j
             "down_hadamard": int(weights.get("layers.0.down_hadamard", 0) or 0)}
 
 
+def frozen_spec(config: ModelConfig, dtype=jnp.float32) -> dict:
+    """What ``stack_layers`` returns for a fused model of ``config`` (norms folded, untied, a key rotation and the
+    down_proj Hadamard, as every rotation recipe fuses it), with ``jax.ShapeDtypeStruct`` leaves instead of arrays:
+    a training step compiles against it without the weights (its memory at 7B on a small machine)."""
+    dtype = jnp.dtype(dtype)
+    stored = jnp.uint16 if dtype == jnp.bfloat16 else jnp.float32
+    n, d, f, v = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv, hd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.head_dim
+    big = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+    small = {"attn_norm": (d,), "mlp_norm": (d,), "key_rotation": (hd, hd)}
+    if config.attention_bias:
+        small.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
+    layers = {**{k: jax.ShapeDtypeStruct((n, *s), stored) for k, s in big.items()},
+              **{k: jax.ShapeDtypeStruct((n, *s), jnp.float32) for k, s in small.items()}}
+    return {"embed": jax.ShapeDtypeStruct((v, d), stored), "lm_head": jax.ShapeDtypeStruct((d, v), stored),
+            "norm": jax.ShapeDtypeStruct((d,), jnp.float32), "layers": layers, "down_hadamard": f}
+
+
 def as_float32(x: jax.Array) -> jax.Array:
     """A stored frozen array (``stack_layers``) in float32: bfloat16 bit patterns (uint16) are widened exactly
     (bfloat16 is the top half of a float32), float32 passes through."""

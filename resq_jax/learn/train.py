@@ -34,7 +34,8 @@ FROZEN_DTYPES = ("float32", "bfloat16")
 class CayleyConfig:
     """Defaults from the ResQ / SpinQuant papers: 100 steps, batch 8, lr 1.5 with cosine decay, momentum 0.9.
     ``dtype``: how the frozen model is stored while the rotations train (float32, or bfloat16: half the memory,
-    float32 arithmetic either way)."""
+    float32 arithmetic either way). ``micro_batch``: windows per forward and backward pass, the gradient summed
+    over batch_size / micro_batch passes (None: the whole batch at once); the same training, less memory."""
 
     steps: int = 100
     lr: float = 1.5
@@ -44,11 +45,15 @@ class CayleyConfig:
     checkpoint_every: int = 10
     diverge_factor: float = 4.0
     dtype: str = "float32"
+    micro_batch: int | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every"):
+        optional = ("micro_batch",) if self.micro_batch is not None else ()
+        for name in ("steps", "batch_size", "checkpoint_every") + optional:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"CayleyConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.micro_batch is not None and self.batch_size % self.micro_batch:
+            raise ValueError(f"the micro-batch ({self.micro_batch}) must divide the batch ({self.batch_size} windows)")
         if self.dtype not in FROZEN_DTYPES:
             raise ValueError(f"the frozen model's dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.dtype!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -82,6 +87,46 @@ def _manager(folder):
     return ocp.CheckpointManager(Path(folder).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1))
 
 
+def optimizer(cc: CayleyConfig) -> optax.GradientTransformation:
+    """Cayley SGD with momentum under a cosine decay of the learning rate from ``cc.lr`` to 0 over ``cc.steps``."""
+    return cayley_sgd(optax.cosine_decay_schedule(cc.lr, cc.steps), momentum=cc.momentum)
+
+
+def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks: SiteHooks, *, hadamard: int,
+                  weight_spec: WeightSpec | None = None, micro_batch: int | None = None):
+    """The jitted step (rotations, opt_state, tokens [B, T], arrays) -> (rotations, opt_state, mean loss): the
+    value and gradient of ``rotated_nll``'s mean over the B windows, then one ``opt`` update. With ``micro_batch``
+    m (dividing B) the windows pass m at a time under a ``lax.scan`` that sums the losses and gradients of the
+    B / m passes: the same mean and gradient (to float rounding), with one micro-batch's activations alive
+    instead of the whole batch's. ``arrays`` is the frozen model (``stack_layers``) without its ``down_hadamard``
+    size (``hadamard``, static). The model is an argument, not a closure: closed-over arrays would be baked into
+    the executable as constants (a second copy of the model, and a slow compile)."""
+
+    @jax.jit
+    def step(rotations, state, tokens, arrays):
+        model = {**arrays, "down_hadamard": hadamard}
+        value_and_grad = jax.value_and_grad(
+            lambda r, t: rotated_nll(r, model, t, config=config, hooks=hooks, weight_spec=weight_spec).mean())
+        b = tokens.shape[0]
+        if micro_batch is None or micro_batch == b:
+            loss, grads = value_and_grad(rotations, tokens)
+        else:
+            if b % micro_batch:
+                raise ValueError(f"the micro-batch {micro_batch} must divide the batch of {b} windows")
+
+            def accumulate(carry, t):  # t: [m, T]
+                loss, grads = value_and_grad(rotations, t)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, rotations))
+            total, _ = jax.lax.scan(accumulate, zero, tokens.reshape(b // micro_batch, micro_batch, -1))
+            loss, grads = jax.tree.map(lambda x: x / (b // micro_batch), total)
+        updates, state = opt.update(grads, state, rotations)
+        return optax.apply_updates(rotations, updates), state, loss
+
+    return step
+
+
 def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows: np.ndarray, hooks: SiteHooks,
                     cc: CayleyConfig = CayleyConfig(), *, checkpoint_dir: str | Path | None = None,
                     progress: bool | str = True, weight_spec: WeightSpec | None = None) -> TrainResult:
@@ -93,7 +138,7 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
     if windows.ndim != 2 or windows.shape[0] < cc.batch_size:
         raise ValueError(f"training needs at least batch_size = {cc.batch_size} windows [N, T], got {windows.shape}")
     check_orthogonal(rotations)
-    opt = cayley_sgd(optax.cosine_decay_schedule(cc.lr, cc.steps), momentum=cc.momentum)
+    opt = optimizer(cc)
     state = opt.init(rotations)
     losses = np.full(cc.steps, np.nan)
     start = 0
@@ -104,19 +149,9 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
         got = manager.restore(start, args=ocp.args.StandardRestore(target))
         rotations, state, losses = got["rotations"], got["opt"], np.asarray(got["losses"])
 
-    # the frozen model is an argument, not a closure: closed-over arrays would be baked into the executable as
-    # constants (a second copy of the model, and a slow compile); stack_layers already put it on the device
     arrays = jax.device_put({k: v for k, v in frozen.items() if k != "down_hadamard"})
-    hadamard = frozen["down_hadamard"]
-
-    @jax.jit
-    def step(rotations, state, tokens, arrays):
-        model = {**arrays, "down_hadamard": hadamard}
-        loss, grads = jax.value_and_grad(
-            lambda r: rotated_nll(r, model, tokens, config=config, hooks=hooks, weight_spec=weight_spec).mean())(
-            rotations)
-        updates, state = opt.update(grads, state, rotations)
-        return optax.apply_updates(rotations, updates), state, loss
+    step = training_step(config, opt, hooks, hadamard=frozen["down_hadamard"], weight_spec=weight_spec,
+                         micro_batch=cc.micro_batch)
 
     bar = progress_bar(cc.steps, progress if isinstance(progress, str) else "cayley", unit="step") if progress else None
     if bar is not None:

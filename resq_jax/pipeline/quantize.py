@@ -99,14 +99,18 @@ def cayley_config(qc: QuantConfig):
     from resq_jax.learn.train import CayleyConfig
 
     return CayleyConfig(steps=qc.cayley_steps_used, lr=DEFAULT_CAYLEY_LR if qc.cayley_lr is None else float(qc.cayley_lr),
-                        batch_size=qc.cayley_batch_used, seed=qc.seed, dtype=qc.cayley_dtype or "float32")
+                        batch_size=qc.cayley_batch_used, seed=qc.seed, dtype=qc.cayley_dtype or "float32",
+                        micro_batch=qc.cayley_micro_batch)
 
 
 def training_fingerprint(config: ModelConfig, qc: QuantConfig, windows: np.ndarray | None = None) -> dict:
     """What a learned-rotation training depends on: the source model, the recipe's settings and (when given) the
     calibration windows' SHA-256 (the settings say which of them train); a resumed run must match its
-    checkpoint's."""
-    out = {"model": config.to_dict(), "qconfig": qc.to_dict()}
+    checkpoint's. The micro-batch is left out: it changes the memory of a step, not the training, so a run may
+    resume with another."""
+    settings = qc.to_dict()
+    settings.pop("cayley_micro_batch", None)
+    out = {"model": config.to_dict(), "qconfig": settings}
     if windows is not None:
         out["windows_sha256"] = hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest()
     return out
@@ -154,7 +158,7 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
     seconds["train"] = time.perf_counter() - t0
     details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
                          "weights": qc.cayley_weights or "float", "dtype": qc.cayley_dtype or "float32",
-                         "resumed_from": result.resumed_from,
+                         "micro_batch": qc.cayley_micro_batch or qc.cayley_batch_used, "resumed_from": result.resumed_from,
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")

@@ -92,7 +92,8 @@ LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 # and silently dropped is a wrong result nobody notices); the CLI passes each flag to the methods it
 # applies to and refuses a flag that none of the requested methods uses.
 SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size",
-            "cayley_steps", "cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype")
+            "cayley_steps", "cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
+            "cayley_micro_batch")
 DEFAULT_ACT_ORDER = False
 
 
@@ -103,7 +104,8 @@ def setting_applies(name: str, method: str, high_fraction: float | None = None,
     integer = r.quantize and r.formats == "int"
     if name == "cayley_steps":
         return integer and r.residual != "none"
-    if name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype"):
+    if name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
+                "cayley_micro_batch"):
         steps = r.default_cayley_steps if cayley_steps is None else cayley_steps
         return integer and r.residual != "none" and steps > 0
     if name in ("high_fraction", "weight_quantizer"):
@@ -134,6 +136,7 @@ _WHY = {
     "cayley_batch": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_weights": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_dtype": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
+    "cayley_micro_batch": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
 }
 CAYLEY_WEIGHTS = ("float", "rtn")  # the weights while rotations train: float, or RTN-quantized straight-through
 CAYLEY_DTYPES = ("float32", "bfloat16")  # how the frozen model is stored while they train (float32 arithmetic)
@@ -174,6 +177,7 @@ class QuantConfig:
     cayley_batch: int | None = None  # windows per step (None: 8)
     cayley_weights: str | None = None  # weights while they train: "float" (None) or "rtn" (straight-through)
     cayley_dtype: str | None = None  # the frozen model's storage while they train: "float32" (None) or "bfloat16"
+    cayley_micro_batch: int | None = None  # windows per forward/backward pass of a step (None: the whole batch)
 
     def __post_init__(self):
         if self.method not in RECIPES:
@@ -222,7 +226,7 @@ class QuantConfig:
         self._check_cayley()
 
     def _check_cayley(self):
-        for name in ("cayley_steps", "cayley_windows", "cayley_batch"):
+        for name in ("cayley_steps", "cayley_windows", "cayley_batch", "cayley_micro_batch"):
             v = getattr(self, name)
             low = 0 if name == "cayley_steps" else 1
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
@@ -237,6 +241,9 @@ class QuantConfig:
         if self.cayley_dtype is not None and self.cayley_dtype not in CAYLEY_DTYPES:
             raise QuantConfigError(f"--cayley-dtype must be one of {', '.join(CAYLEY_DTYPES)}, got "
                                    f"{self.cayley_dtype!r}")
+        if self.cayley_micro_batch is not None and self.cayley_batch_used % self.cayley_micro_batch:
+            raise QuantConfigError(f"--cayley-micro-batch {self.cayley_micro_batch} must divide the "
+                                   f"{self.cayley_batch_used} windows of a step (--cayley-batch)")
         if self.cayley_windows is not None and self.cayley_windows < self.cayley_batch_used:
             raise QuantConfigError(f"--cayley-windows {self.cayley_windows} is fewer than the {self.cayley_batch_used} "
                                    "windows of one step (--cayley-batch); give at least that many")
@@ -304,8 +311,10 @@ class QuantConfig:
             d["cayley_batch"] = self.cayley_batch_used
             d["cayley_weights"] = self.cayley_weights or "float"
             d["cayley_dtype"] = self.cayley_dtype or "float32"
+            d["cayley_micro_batch"] = self.cayley_micro_batch or self.cayley_batch_used
         else:
-            for name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype"):
+            for name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
+                         "cayley_micro_batch"):
                 d[name] = None
         if not uses_gptq(self):
             d["act_order"] = d["damp"] = None
