@@ -465,16 +465,18 @@ def test_compile_only_step_memory_counts_the_frozen_model():
     14 + 2 per value head and layer), and the step keeps temporaries."""
     from resq_jax.cli.benchmark import cayley_step
 
-    out = cayley_step("tiny-qwen2", 2, 16, method="resq")
+    out = cayley_step("tiny-qwen2", 2, 16, method="resq", micro_batches=(None, 1))
     n, d, f, v, hd = 4, 64, 96, 512, 16
     big = 2 * v * d + n * (d * 64 + 2 * d * 32 + 64 * d + 2 * d * f + f * d)  # embed, head, q k v o gate up down
     small = d + n * (2 * d + hd * hd + 64 + 32 + 32)  # final norm; norms, key rotation, q/k/v biases
     rot = 56 ** 2 + 8 ** 2 + n * (14 ** 2 + 2 ** 2)
-    for dtype, width in (("float32", 4), ("bfloat16", 2)):
-        got = out["dtypes"][dtype]
-        assert got["frozen_model_gb"] * 1e9 == width * big + 4 * small, dtype
+    assert [(r["dtype"], r["micro_batch"]) for r in out["runs"]] == [
+        ("float32", 2), ("float32", 1), ("bfloat16", 2), ("bfloat16", 1)]
+    for got in out["runs"]:
+        width = 4 if got["dtype"] == "float32" else 2
+        assert got["frozen_model_gb"] * 1e9 == width * big + 4 * small, got
         extra = got["arguments_gb"] * 1e9 - got["frozen_model_gb"] * 1e9
-        assert 2 * 4 * rot <= extra <= 3 * 4 * rot + 4 * 2 * 16 + 64, (dtype, extra)  # rotations, momentum, tokens
+        assert 2 * 4 * rot <= extra <= 3 * 4 * rot + 4 * 2 * 16 + 64, (got, extra)  # rotations, momentum, tokens
         assert got["temporaries_gb"] > 0
 
 
