@@ -400,11 +400,12 @@ def test_pipeline_stores_the_frozen_model_in_bfloat16_when_asked(tiny, sampled):
         QuantConfig(**common, cayley_dtype="float16")
 
 
-def test_pipeline_micro_batches_change_the_memory_not_the_training(tiny, sampled):
+def test_pipeline_micro_batches_change_the_memory_not_the_training(tiny, sampled, tmp_path):
     """--cayley-micro-batch 2 reaches the training (JSON details, qconfig), the first step's loss is the whole
-    batch's, and the training fingerprint (what a resumed run must match) leaves it out."""
-    from resq_jax.pipeline.quantize import quantize_model, training_fingerprint
-    from resq_jax.pipeline.recipes import QuantConfig
+    batch's, and the training fingerprint (what a resumed run must match, checked by the CLI before the model
+    loads and by the pipeline after) leaves it out."""
+    from resq_jax.pipeline.quantize import check_training_folder, quantize_model, training_fingerprint
+    from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
 
     common = {"method": "quarot", "weight_quantizer": "rtn", "cayley_steps": 1, "cayley_batch": 4, "cayley_lr": 0.3}
     whole = quantize_model(tiny.config, tiny.weights, QuantConfig(**common), sampled, progress=False)
@@ -415,6 +416,10 @@ def test_pipeline_micro_batches_change_the_memory_not_the_training(tiny, sampled
     np.testing.assert_allclose(micro.details["cayley"]["losses"], whole.details["cayley"]["losses"], rtol=1e-6)
     assert training_fingerprint(tiny.config, qc, sampled) == training_fingerprint(tiny.config, QuantConfig(**common),
                                                                                 sampled)
+    check_training_folder(tmp_path, training_fingerprint(tiny.config, QuantConfig(**common), sampled), write=True)
+    check_training_folder(tmp_path, training_fingerprint(None, qc), write=False)  # the CLI's early check
+    with pytest.raises(QuantConfigError, match="holds a training of other settings .qconfig differ"):
+        check_training_folder(tmp_path, training_fingerprint(None, QuantConfig(**common, seed=1)), write=False)
 
 
 def test_a_killed_quantize_run_resumes_its_rotation_training(tmp_path):

@@ -153,7 +153,7 @@ def quant_configs(args, methods: list[str]) -> list:
 
 def _check_cayley_checkpoint(args, configs: list) -> None:
     """--cayley-checkpoint: some method learns rotations, one process, and no folder of another training there."""
-    from resq_jax.pipeline.quantize import check_training_folder
+    from resq_jax.pipeline.quantize import check_training_folder, training_fingerprint
 
     learners = [qc for qc in configs if qc.cayley_steps_used]
     if not learners:
@@ -167,7 +167,7 @@ def _check_cayley_checkpoint(args, configs: list) -> None:
 
     for qc in learners:  # the model is not loaded yet: compare the settings now, the model and windows later
         try:
-            check_training_folder(os.path.join(args.cayley_checkpoint, qc.method), {"qconfig": qc.to_dict()},
+            check_training_folder(os.path.join(args.cayley_checkpoint, qc.method), training_fingerprint(None, qc),
                                   write=False)
         except QuantConfigError as e:
             raise UserError(str(e)) from None

@@ -103,14 +103,14 @@ def cayley_config(qc: QuantConfig):
                         micro_batch=qc.cayley_micro_batch)
 
 
-def training_fingerprint(config: ModelConfig, qc: QuantConfig, windows: np.ndarray | None = None) -> dict:
-    """What a learned-rotation training depends on: the source model, the recipe's settings and (when given) the
-    calibration windows' SHA-256 (the settings say which of them train); a resumed run must match its
+def training_fingerprint(config: ModelConfig | None, qc: QuantConfig, windows: np.ndarray | None = None) -> dict:
+    """What a learned-rotation training depends on: the source model (when given), the recipe's settings and (when
+    given) the calibration windows' SHA-256 (the settings say which of them train); a resumed run must match its
     checkpoint's. The micro-batch is left out: it changes the memory of a step, not the training, so a run may
     resume with another."""
     settings = qc.to_dict()
     settings.pop("cayley_micro_batch", None)
-    out = {"model": config.to_dict(), "qconfig": settings}
+    out = {"qconfig": settings} if config is None else {"model": config.to_dict(), "qconfig": settings}
     if windows is not None:
         out["windows_sha256"] = hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest()
     return out
