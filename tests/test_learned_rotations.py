@@ -413,7 +413,7 @@ def test_pipeline_micro_batches_change_the_memory_not_the_training(tiny, sampled
     micro = quantize_model(tiny.config, tiny.weights, qc, sampled, progress=False)
     assert micro.details["cayley"]["micro_batch"] == 2 and qc.to_dict()["cayley_micro_batch"] == 2
     assert whole.details["cayley"]["micro_batch"] == 4
-    np.testing.assert_allclose(micro.details["cayley"]["losses"], whole.details["cayley"]["losses"], rtol=1e-6)
+    np.testing.assert_allclose(micro.details["cayley"]["losses"], whole.details["cayley"]["losses"], rtol=1e-4)
     assert training_fingerprint(tiny.config, qc, sampled) == training_fingerprint(tiny.config, QuantConfig(**common),
                                                                                 sampled)
     check_training_folder(tmp_path, training_fingerprint(tiny.config, QuantConfig(**common), sampled), write=True)
@@ -497,8 +497,10 @@ def test_micro_batches_sum_to_the_whole_batch_step(fused):
     assert moved > 1e-2, moved
     for m in (1, 2):
         micro = _train(fused, steps=1, micro_batch=m)
-        np.testing.assert_allclose(micro.losses, whole.losses, rtol=1e-6)
+        # here 1e-7 and 1e-5 of the update; the margins allow a 4-bit rounding flip on another CPU, while a
+        # wrong scale of the summed loss or gradient (a factor B / m) would miss by the whole update
+        np.testing.assert_allclose(micro.losses, whole.losses, rtol=1e-4)
         for a, b in zip(jax.tree.leaves(whole.rotations), jax.tree.leaves(micro.rotations)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-3 * moved)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-2 * moved)
     with pytest.raises(ValueError, match="micro-batch .3. must divide the batch .4 windows"):
         CayleyConfig(batch_size=4, micro_batch=3)
