@@ -304,8 +304,8 @@ def cayley_step(model_spec: str, batch: int, seq_len: int, method: str = "resq",
     import jax
     import jax.numpy as jnp
 
-    from resq_jax.learn.refine import subspace_blocks
-    from resq_jax.learn.rotated import StraightThrough, frozen_spec, identity_rotations
+    from resq_jax.learn.refine import start_rotations
+    from resq_jax.learn.rotated import StraightThrough, frozen_spec
     from resq_jax.learn.train import optimizer, training_step
     from resq_jax.pipeline.quantize import activation_spec, cayley_config, check_hadamard_sizes
     from resq_jax.pipeline.recipes import QuantConfig
@@ -321,9 +321,7 @@ def cayley_step(model_spec: str, batch: int, seq_len: int, method: str = "resq",
                              cayley_dtype=dtype, cayley_micro_batch=micro)
             check_hadamard_sizes(config, qc.recipe)
             spec = activation_spec(config, qc)
-            blocks = (subspace_blocks(config.hidden_size, spec.high_residual),
-                      subspace_blocks(config.head_dim, spec.high_head), config.num_layers)
-            rotations = jax.eval_shape(functools.partial(identity_rotations, *blocks))
+            rotations = jax.eval_shape(functools.partial(start_rotations, config, spec))
             cc = cayley_config(qc)
             opt = optimizer(cc)
             frozen = frozen_spec(config, dtype)
@@ -336,7 +334,7 @@ def cayley_step(model_spec: str, batch: int, seq_len: int, method: str = "resq",
             seconds = time.perf_counter() - t0
             ma = compiled.memory_analysis()
             frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(arrays))
-            out["runs"].append({"dtype": dtype, "micro_batch": micro or batch, "compile_seconds": seconds,
+            out["runs"].append({"dtype": dtype, "micro_batch": qc.cayley_micro_batch_used, "compile_seconds": seconds,
                                 "frozen_model_gb": frozen_bytes / 1e9,
                                 "arguments_gb": ma.argument_size_in_bytes / 1e9,
                                 "temporaries_gb": ma.temp_size_in_bytes / 1e9,

@@ -32,6 +32,13 @@ def subspace_blocks(n: int, high: int) -> tuple[int, ...]:
     return (n - high, high) if 0 < high < n else (n,)
 
 
+def start_rotations(config: ModelConfig, spec: ActivationSpec) -> dict:
+    """Identity rotations in the blocks of ``spec``'s subspaces (learn.rotated.identity_rotations): the residual
+    stream's low and high channels, every value head's likewise, per layer."""
+    return identity_rotations(subspace_blocks(config.hidden_size, spec.high_residual),
+                              subspace_blocks(config.head_dim, spec.high_head), config.num_layers)
+
+
 def refine(config: ModelConfig, weights: Mapping[str, np.ndarray], transforms: Transforms, spec: ActivationSpec,
            windows: np.ndarray, cc: CayleyConfig, *, progress: bool | str = True,
            checkpoint_dir=None, weight_spec: WeightSpec | None = None) -> tuple[Transforms, TrainResult]:
@@ -39,8 +46,7 @@ def refine(config: ModelConfig, weights: Mapping[str, np.ndarray], transforms: T
     Returns (the transforms with the learned rotations folded in, the training result)."""
     if transforms.residual is None or transforms.value is None:
         raise ValueError("learned rotations refine a recipe's residual and value rotations; this recipe has none")
-    start = identity_rotations(subspace_blocks(config.hidden_size, spec.high_residual),
-                               subspace_blocks(config.head_dim, spec.high_head), config.num_layers)
+    start = start_rotations(config, spec)
     frozen = stack_layers(config, apply_transforms(config, weights, transforms), cc.dtype)
     result = train_rotations(config, frozen, start, np.asarray(windows), StraightThrough(FakeQuantHooks(spec)), cc,
                              progress=progress, checkpoint_dir=checkpoint_dir, weight_spec=weight_spec)

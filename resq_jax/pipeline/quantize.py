@@ -158,7 +158,7 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
     seconds["train"] = time.perf_counter() - t0
     details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
                          "weights": qc.cayley_weights or "float", "dtype": qc.cayley_dtype or "float32",
-                         "micro_batch": qc.cayley_micro_batch or qc.cayley_batch_used, "resumed_from": result.resumed_from,
+                         "micro_batch": qc.cayley_micro_batch_used, "resumed_from": result.resumed_from,
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")

@@ -259,6 +259,11 @@ class QuantConfig:
     def cayley_batch_used(self) -> int:
         return DEFAULT_CAYLEY_BATCH if self.cayley_batch is None else int(self.cayley_batch)
 
+    @property
+    def cayley_micro_batch_used(self) -> int:
+        """Windows per forward/backward pass of a training step (the whole batch unless given)."""
+        return self.cayley_batch_used if self.cayley_micro_batch is None else int(self.cayley_micro_batch)
+
     def _check_lowrank(self, r: Recipe):
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0):
             raise QuantConfigError(f"--rank must be an integer >= 0 (32 for W4A8 LQER), got {self.rank!r}")
@@ -311,7 +316,7 @@ class QuantConfig:
             d["cayley_batch"] = self.cayley_batch_used
             d["cayley_weights"] = self.cayley_weights or "float"
             d["cayley_dtype"] = self.cayley_dtype or "float32"
-            d["cayley_micro_batch"] = self.cayley_micro_batch or self.cayley_batch_used
+            d["cayley_micro_batch"] = self.cayley_micro_batch_used
         else:
             for name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
                          "cayley_micro_batch"):
