@@ -285,41 +285,18 @@ def site_recorder(hooks: SiteHooks, capture: tuple[str, ...]):
 VOCAB_CHUNK = 8192
 
 
-def chunked_nll(h: jnp.ndarray, w: jnp.ndarray, target: jnp.ndarray, chunk: int = VOCAB_CHUNK,
-                vocab_axis: int = 0) -> jnp.ndarray:
-    """h: [N, d] float32 normed hidden; w: the output matrix, [V, d] (``vocab_axis=0``, a tied embedding) or
-    [d, V] (``vocab_axis=1``, an lm_head), any float dtype (each chunk is widened to float32); target: [N]
-    ids -> [N] cross-entropy logsumexp(logits) - logits[target], logits = h @ (the [d, V] matrix), one
-    [N, chunk] logit block at a time (online logsumexp).
+def scan_vocab(block, init, w: jnp.ndarray, chunk: int = VOCAB_CHUNK, vocab_axis: int = 0):
+    """Fold ``block(carry, w_c, off) -> carry`` over the vocabulary of the output matrix ``w`` ([V, d] with
+    ``vocab_axis=0``, [d, V] with 1), one float32 slice ``w_c`` of ``chunk`` entries at a time starting at entry
+    ``off``; the last V mod chunk entries come zero-padded to a full chunk, so ``block`` masks entries >= V.
 
     The full chunks are read in place along the vocabulary axis (dynamic slices), so the matrix is never
-    copied, transposed or widened whole (a 7B head is 1.1 GB in bfloat16, 2.2 GB in float32); the last
-    V mod chunk entries are padded to a chunk and masked."""
-    n, d = h.shape
+    copied, transposed or widened whole (a 7B head is 1.1 GB in bfloat16, 2.2 GB in float32). A 16-bit matrix
+    is sliced as its raw 16-bit integers and reinterpreted per chunk: given a bfloat16 / float16 matrix, XLA:CPU
+    widens all of it to float32 before the loop; this way the loop holds one 16-bit copy at most."""
     v = w.shape[vocab_axis]
     chunk = min(chunk, v)
     n_full, rest = divmod(v, chunk)
-
-    def product(w_c):  # w_c: a [chunk, d] or [d, chunk] float32 slice -> [N, chunk]
-        if vocab_axis == 0:
-            return jnp.matmul(h, w_c.T, precision=EXACT)
-        return jnp.matmul(h, w_c, precision=EXACT)
-
-    @jax.checkpoint  # differentiated (learned rotations), the backward pass recomputes each block's logits
-    def block(carry, w_c, off):
-        run_max, run_sum, tgt = carry
-        logits = product(w_c)  # [N, chunk]
-        logits = jnp.where(off + jnp.arange(chunk) < v, logits, -jnp.inf)
-        new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
-        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1)
-        local = target - off
-        hit = (local >= 0) & (local < chunk)
-        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
-        return new_max, run_sum, jnp.where(hit, picked, tgt)
-
-    # A 16-bit matrix is sliced as its raw 16-bit integers and reinterpreted per chunk: given a bfloat16 /
-    # float16 matrix, XLA:CPU widens all of it to float32 before the loop (2.2 GB for a 7B head); this way the
-    # loop holds one 16-bit copy at most.
     raw = w.dtype.itemsize == 2 and jnp.issubdtype(w.dtype, jnp.floating)
     w_sliced = jax.lax.bitcast_convert_type(w, jnp.uint16) if raw else w
 
@@ -328,15 +305,72 @@ def chunked_nll(h: jnp.ndarray, w: jnp.ndarray, target: jnp.ndarray, chunk: int 
         w_c = jax.lax.bitcast_convert_type(w_c, w.dtype) if raw else w_c
         return block(carry, w_c.astype(jnp.float32), off), None
 
-    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
     carry, _ = jax.lax.scan(step, init, jnp.arange(n_full) * chunk)
     if rest:
         tail = jax.lax.slice_in_dim(w, n_full * chunk, v, axis=vocab_axis).astype(jnp.float32)
         pad = [(0, 0), (0, 0)]
         pad[vocab_axis] = (0, chunk - rest)
         carry = block(carry, jnp.pad(tail, pad), n_full * chunk)
-    run_max, run_sum, tgt = carry
+    return carry
+
+
+def _logits(h: jnp.ndarray, w_c: jnp.ndarray, vocab_axis: int) -> jnp.ndarray:
+    """h [N, d] times a [chunk, d] (vocab_axis 0) or [d, chunk] (1) float32 slice -> [N, chunk]."""
+    return jnp.matmul(h, w_c.T if vocab_axis == 0 else w_c, precision=EXACT)
+
+
+def chunked_nll(h: jnp.ndarray, w: jnp.ndarray, target: jnp.ndarray, chunk: int = VOCAB_CHUNK,
+                vocab_axis: int = 0) -> jnp.ndarray:
+    """h: [N, d] float32 normed hidden; w: the output matrix, [V, d] (``vocab_axis=0``, a tied embedding) or
+    [d, V] (``vocab_axis=1``, an lm_head), any float dtype (each chunk is widened to float32); target: [N]
+    ids -> [N] cross-entropy logsumexp(logits) - logits[target], logits = h @ (the [d, V] matrix), one
+    [N, chunk] logit block at a time (online logsumexp, ``scan_vocab``)."""
+    n, v = h.shape[0], w.shape[vocab_axis]
+    chunk = min(chunk, v)
+
+    @jax.checkpoint  # differentiated (learned rotations), the backward pass recomputes each block's logits
+    def block(carry, w_c, off):
+        run_max, run_sum, tgt = carry
+        logits = jnp.where(off + jnp.arange(chunk) < v, _logits(h, w_c, vocab_axis), -jnp.inf)  # [N, chunk]
+        new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
+        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1)
+        local = target - off
+        hit = (local >= 0) & (local < chunk)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
+        return new_max, run_sum, jnp.where(hit, picked, tgt)
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    run_max, run_sum, tgt = scan_vocab(block, init, w, chunk, vocab_axis)
     return run_max + jnp.log(run_sum) - tgt
+
+
+def chunked_kl(h: jnp.ndarray, h_ref: jnp.ndarray, w: jnp.ndarray, chunk: int = VOCAB_CHUNK,
+               vocab_axis: int = 0) -> jnp.ndarray:
+    """h, h_ref: [N, d] float32 normed hidden states of a model and of its reference; w as in ``chunked_nll`` ->
+    [N] KL(p_ref || p) = sum_v p_ref(v) (log p_ref(v) - log p(v)), p = softmax(h @ W), one [N, chunk] logit
+    block of each at a time. With z = h @ W, z_ref = h_ref @ W and running maxima m, m_ref it accumulates
+    s = sum exp(z - m), s_ref = sum exp(z_ref - m_ref) and a = sum exp(z_ref - m_ref) (z_ref - z), rescaled
+    whenever a maximum grows; then KL = a / s_ref - (m_ref + log s_ref) + (m + log s)."""
+    n, v = h.shape[0], w.shape[vocab_axis]
+    chunk = min(chunk, v)
+
+    @jax.checkpoint
+    def block(carry, w_c, off):
+        m, s, m_ref, s_ref, a = carry
+        valid = off + jnp.arange(chunk) < v
+        z, z_ref = _logits(h, w_c, vocab_axis), _logits(h_ref, w_c, vocab_axis)  # [N, chunk]
+        new_m = jnp.maximum(m, jnp.max(jnp.where(valid, z, -jnp.inf), axis=-1))
+        new_m_ref = jnp.maximum(m_ref, jnp.max(jnp.where(valid, z_ref, -jnp.inf), axis=-1))
+        e = jnp.where(valid, jnp.exp(z - new_m[:, None]), 0.0)
+        e_ref = jnp.where(valid, jnp.exp(z_ref - new_m_ref[:, None]), 0.0)
+        scale_ref = jnp.exp(m_ref - new_m_ref)
+        return (new_m, s * jnp.exp(m - new_m) + e.sum(-1), new_m_ref, s_ref * scale_ref + e_ref.sum(-1),
+                a * scale_ref + jnp.sum(e_ref * jnp.where(valid, z_ref - z, 0.0), axis=-1))
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+            jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    m, s, m_ref, s_ref, a = scan_vocab(block, init, w, chunk, vocab_axis)
+    return a / s_ref - (m_ref + jnp.log(s_ref)) + (m + jnp.log(s))
 
 
 class Decoder(nnx.Module):

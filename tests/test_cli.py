@@ -53,6 +53,7 @@ def assert_clean_error(res, *needles):
     (["--method", "quarot", "--cayley-dtype", "bfloat16"], ["--cayley-dtype does not apply to method 'quarot'"]),
     (["--method", "resq", "--cayley-micro-batch", "2"], ["--cayley-micro-batch does not apply to method 'resq'"]),
     (["--method", "spinquant", "--cayley-micro-batch", "3"], ["--cayley-micro-batch 3 must divide the 8 windows"]),
+    (["--method", "resq", "--cayley-loss", "kl"], ["--cayley-loss does not apply to method 'resq'"]),
 ])
 def test_quantize_rejects_bad_settings_before_loading(args, needles):
     assert_clean_error(run("quantize.py", "--model", "/nonexistent/model", *args), *needles)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resq_jax.models.decoder import causal_attention, causal_self_attention, chunked_nll
+from resq_jax.models.decoder import causal_attention, causal_self_attention, chunked_kl, chunked_nll
 
 
 @pytest.mark.parametrize("t,block", [(300, 128), (128, 128), (7, 128), (64, 16), (50, 1)])
@@ -57,6 +57,37 @@ def test_chunked_nll_equals_full_logsumexp(vocab, chunk, vocab_axis):
     got = jax.jit(chunked_nll, static_argnames=("chunk", "vocab_axis"))(
         jnp.asarray(h), jnp.asarray(w_arg), jnp.asarray(target), chunk=chunk, vocab_axis=vocab_axis)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def _log_softmax64(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("vocab_axis", [0, 1])
+@pytest.mark.parametrize("vocab,chunk,dtype", [(1000, 256, "float32"), (1024, 256, "float32"), (300, 8192, "float32"),
+                                               (97, 1, "float32"), (1000, 256, "bfloat16")])
+def test_chunked_kl_equals_the_full_kl_and_its_gradient(vocab, chunk, dtype, vocab_axis):
+    """KL(softmax(h_ref W) || softmax(h W)) accumulated over vocabulary chunks (ragged last chunk masked, the matrix
+    as a table or a head, in float32 or bfloat16) = the float64 KL of the full logits; its gradient in h is the
+    closed form (softmax(h W) - softmax(h_ref W)) W^T; and it is zero for h = h_ref."""
+    rng = np.random.default_rng(vocab + chunk)
+    h_ref = rng.standard_normal((64, 32)).astype(np.float32)
+    h = (h_ref + 0.5 * rng.standard_normal((64, 32))).astype(np.float32)
+    w = jnp.asarray((rng.standard_normal((vocab, 32)) * 0.5).astype(np.float32), dtype)
+    w64 = np.asarray(w.astype(jnp.float32), np.float64)
+    logp, logp_ref = _log_softmax64(h.astype(np.float64) @ w64.T), _log_softmax64(h_ref.astype(np.float64) @ w64.T)
+    ref = (np.exp(logp_ref) * (logp_ref - logp)).sum(-1)
+    assert ref.mean() > 0.1  # a real divergence
+    w_arg = w if vocab_axis == 0 else w.T
+    kl = jax.jit(chunked_kl, static_argnames=("chunk", "vocab_axis"))
+    got = kl(jnp.asarray(h), jnp.asarray(h_ref), w_arg, chunk=chunk, vocab_axis=vocab_axis)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-6)
+    grad = jax.grad(lambda x: kl(x, jnp.asarray(h_ref), w_arg, chunk=chunk, vocab_axis=vocab_axis).sum())(
+        jnp.asarray(h))
+    np.testing.assert_allclose(np.asarray(grad), (np.exp(logp) - np.exp(logp_ref)) @ w64, atol=2e-5)
+    same = kl(jnp.asarray(h_ref), jnp.asarray(h_ref), w_arg, chunk=chunk, vocab_axis=vocab_axis)
+    assert float(jnp.abs(same).max()) < 1e-5
 
 
 def _layer_fingerprints(weights):

@@ -94,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cayley-weights", choices=("float", "rtn"), default=None,
                    help="the weights while the rotations train: float (default; SpinQuant's advice when GPTQ "
                         "follows) or RTN-quantized to --w-bits, passed straight through")
+    g.add_argument("--cayley-loss", choices=("ce", "kl"), default=None,
+                   help="the training loss: ce, the next-token cross-entropy of the calibration windows (default, "
+                        "the papers'), or kl, the KL divergence from the float model's next-token distribution "
+                        "(one more forward pass per step, no backward)")
     g.add_argument("--cayley-dtype", choices=("float32", "bfloat16"), default=None,
                    help="how the frozen model is stored while the rotations train: float32 (default) or bfloat16 "
                         "(half the memory, for large models; the arithmetic stays float32)")

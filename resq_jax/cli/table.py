@@ -53,6 +53,8 @@ def _describe(method: str, cfg: dict) -> str:
         text += f" cayley{cfg['cayley_steps']}@{cfg['cayley_lr']:g}"
         if cfg.get("cayley_weights") == "rtn":
             text += "/w-rtn"
+        if cfg.get("cayley_loss") == "kl":
+            text += "/kl"
         if cfg.get("cayley_dtype") == "bfloat16":
             text += "/bf16"
     if not off(cfg.get("embed_bits")):

@@ -33,7 +33,7 @@ import numpy as np
 
 from resq_jax.formats.integer import fake_quant_weight
 from resq_jax.models.config import ModelConfig
-from resq_jax.models.decoder import IDENTITY, DecoderLayer, SiteHooks, chunked_nll, rms_norm
+from resq_jax.models.decoder import IDENTITY, DecoderLayer, SiteHooks, chunked_kl, chunked_nll, rms_norm
 from resq_jax.models.rope import inverse_frequencies, rope_tables
 from resq_jax.quant.layouts import LINEARS, WeightSpec, linear_high_rows
 from resq_jax.rotation.transforms import Transforms
@@ -170,10 +170,11 @@ def quantize_rotated(config: ModelConfig, w: Mapping[str, jax.Array], spec: Weig
     return out
 
 
-def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: ModelConfig,
-                hooks: SiteHooks = IDENTITY, weight_spec: WeightSpec | None = None) -> jax.Array:
-    """tokens: [B, T] -> mean next-token cross-entropy per window [B] of the model ``frozen`` (``stack_layers``)
-    with ``rotations`` ({"residual": blocks [n, n], "value": blocks [L, n, n]}) applied on the fly; with
+def rotated_hidden(rotations: dict, frozen: dict, tokens: jax.Array, *, config: ModelConfig,
+                   hooks: SiteHooks = IDENTITY, weight_spec: WeightSpec | None = None) -> jax.Array:
+    """tokens: [B, T] -> [B * (T - 1), d] final normed hidden states of positions 0..T-2 of the model ``frozen``
+    (``stack_layers``) with ``rotations`` ({"residual": blocks [n, n], "value": blocks [L, n, n]}) applied on the
+    fly, rotated back into ``frozen``'s basis (h Q1^T), so that ``h @ frozen["lm_head"]`` are its logits; with
     ``weight_spec`` its linears RTN-quantized straight-through (``quantize_rotated``)."""
     q1 = block_diag(rotations["residual"])
     q2 = block_diag(rotations["value"])  # [L, hd, hd]
@@ -196,13 +197,39 @@ def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: Mod
         return y, None
 
     x, _ = jax.lax.scan(layer, x, ({k: jnp.asarray(v) for k, v in frozen["layers"].items()}, q2))
-    b, _, d = x.shape
+    d = x.shape[-1]
     h = rms_norm(x, jnp.asarray(frozen["norm"]), config.rms_eps).astype(jnp.float32)[:, :-1].reshape(-1, d)
-    head = jnp.asarray(frozen["lm_head"])  # (Q1^T W) is applied as (h Q1^T) W: no rotated copy of the head
-    if head.dtype == jnp.uint16:
-        head = jax.lax.bitcast_convert_type(head, jnp.bfloat16)  # chunked_nll widens it a chunk at a time
-    nll = chunked_nll(exact_matmul(h, q1.T), head, tokens[:, 1:].reshape(-1), vocab_axis=1)
-    return nll.reshape(b, t - 1).mean(axis=-1)
+    return exact_matmul(h, q1.T)  # (Q1^T W) is applied as (h Q1^T) W: no rotated copy of the head
+
+
+def _head(frozen: dict) -> jax.Array:
+    """The frozen lm_head [d, V] as chunked_nll / chunked_kl read it (bfloat16 storage reinterpreted, not widened:
+    they widen it a chunk at a time)."""
+    head = jnp.asarray(frozen["lm_head"])
+    return jax.lax.bitcast_convert_type(head, jnp.bfloat16) if head.dtype == jnp.uint16 else head
+
+
+def rotated_nll(rotations: dict, frozen: dict, tokens: jax.Array, *, config: ModelConfig,
+                hooks: SiteHooks = IDENTITY, weight_spec: WeightSpec | None = None) -> jax.Array:
+    """tokens: [B, T] -> mean next-token cross-entropy per window [B] of the rotated model (``rotated_hidden``)."""
+    h = rotated_hidden(rotations, frozen, tokens, config=config, hooks=hooks, weight_spec=weight_spec)
+    nll = chunked_nll(h, _head(frozen), tokens[:, 1:].reshape(-1), vocab_axis=1)
+    return nll.reshape(tokens.shape[0], -1).mean(axis=-1)
+
+
+def rotated_kl(rotations: dict, frozen: dict, tokens: jax.Array, *, config: ModelConfig,
+               hooks: SiteHooks = IDENTITY, weight_spec: WeightSpec | None = None) -> jax.Array:
+    """tokens: [B, T] -> mean over positions of KL(float || quantized) per window [B]: the next-token distribution
+    of the float model (``frozen`` with identity hooks and float weights, a constant: no gradient flows into it)
+    against the rotated model's under ``hooks`` and ``weight_spec``. The float model does not depend on the
+    rotations (module docstring), so it is run with them (stopped) rather than with identity blocks."""
+    h = rotated_hidden(rotations, frozen, tokens, config=config, hooks=hooks, weight_spec=weight_spec)
+    h_float = rotated_hidden(jax.lax.stop_gradient(rotations), frozen, tokens, config=config)
+    kl = chunked_kl(h, jax.lax.stop_gradient(h_float), _head(frozen), vocab_axis=1)
+    return kl.reshape(tokens.shape[0], -1).mean(axis=-1)
+
+
+LOSSES = {"ce": rotated_nll, "kl": rotated_kl}  # the training losses by name (--cayley-loss)
 
 
 def refined_transforms(t: Transforms, rotations: dict) -> Transforms:

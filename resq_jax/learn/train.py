@@ -2,7 +2,8 @@
 
 Each step draws ``batch_size`` of the calibration windows (a permutation seeded by (seed, step): the same windows
 whatever happened before, so a resumed run repeats an uninterrupted one exactly), runs ``rotated_nll`` with
-straight-through quantizer hooks, and applies ``cayley_sgd`` under a cosine learning-rate decay. Every
+straight-through quantizer hooks (or ``rotated_kl``, the KL divergence from the float model's next-token
+distribution: ``CayleyConfig.loss``), and applies ``cayley_sgd`` under a cosine learning-rate decay. Every
 ``checkpoint_every`` steps the rotations, the optimizer state and the losses are saved with orbax (the latest
 kept); a run given the same folder resumes from there. A loss that turns non-finite, or rises above
 ``diverge_factor`` times the first step's, stops the run with ``DivergedError`` naming the step; the rotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resq_jax.learn.rotated import rotated_nll
+from resq_jax.learn.rotated import LOSSES
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.decoder import SiteHooks
 from resq_jax.quant.layouts import WeightSpec
@@ -35,7 +36,10 @@ class CayleyConfig:
     """Defaults from the ResQ / SpinQuant papers: 100 steps, batch 8, lr 1.5 with cosine decay, momentum 0.9.
     ``dtype``: how the frozen model is stored while the rotations train (float32, or bfloat16: half the memory,
     float32 arithmetic either way). ``micro_batch``: windows per forward and backward pass, the gradient summed
-    over batch_size / micro_batch passes (None: the whole batch at once); the same training, less memory."""
+    over batch_size / micro_batch passes (None: the whole batch at once); the same training, less memory.
+    ``loss``: "ce", the next-token cross-entropy of the calibration text (the papers'), or "kl", the KL divergence
+    from the float model's next-token distribution (learn.rotated.rotated_kl; a second, gradient-free forward
+    pass of the float model per step)."""
 
     steps: int = 100
     lr: float = 1.5
@@ -46,6 +50,7 @@ class CayleyConfig:
     diverge_factor: float = 4.0
     dtype: str = "float32"
     micro_batch: int | None = None
+    loss: str = "ce"
 
     def __post_init__(self):
         optional = ("micro_batch",) if self.micro_batch is not None else ()
@@ -54,6 +59,8 @@ class CayleyConfig:
                 raise ValueError(f"CayleyConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.micro_batch is not None and self.batch_size % self.micro_batch:
             raise ValueError(f"the micro-batch ({self.micro_batch}) must divide the batch ({self.batch_size} windows)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"the training loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.dtype not in FROZEN_DTYPES:
             raise ValueError(f"the frozen model's dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.dtype!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -93,20 +100,23 @@ def optimizer(cc: CayleyConfig) -> optax.GradientTransformation:
 
 
 def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks: SiteHooks, *, hadamard: int,
-                  weight_spec: WeightSpec | None = None, micro_batch: int | None = None):
+                  weight_spec: WeightSpec | None = None, micro_batch: int | None = None, loss: str = "ce"):
     """The jitted step (rotations, opt_state, tokens [B, T], arrays) -> (rotations, opt_state, mean loss): the
-    value and gradient of ``rotated_nll``'s mean over the B windows, then one ``opt`` update. With ``micro_batch``
-    m (dividing B) the windows pass m at a time under a ``lax.scan`` that sums the losses and gradients of the
+    value and gradient of the mean over the B windows of ``LOSSES[loss]`` (``rotated_nll`` or ``rotated_kl``),
+    then one ``opt`` update. With ``micro_batch`` m (dividing B) the windows pass m at a time under a ``lax.scan`` that sums the losses and gradients of the
     B / m passes: the same mean and gradient (to float rounding), with one micro-batch's activations alive
     instead of the whole batch's. ``arrays`` is the frozen model (``stack_layers``) without its ``down_hadamard``
     size (``hadamard``, static). The model is an argument, not a closure: closed-over arrays would be baked into
     the executable as constants (a second copy of the model, and a slow compile)."""
+    if loss not in LOSSES:
+        raise ValueError(f"the training loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    loss_fn = LOSSES[loss]
 
     @jax.jit
     def step(rotations, state, tokens, arrays):
         model = {**arrays, "down_hadamard": hadamard}
         value_and_grad = jax.value_and_grad(
-            lambda r, t: rotated_nll(r, model, t, config=config, hooks=hooks, weight_spec=weight_spec).mean())
+            lambda r, t: loss_fn(r, model, t, config=config, hooks=hooks, weight_spec=weight_spec).mean())
         b = tokens.shape[0]
         if micro_batch is None or micro_batch == b:
             loss, grads = value_and_grad(rotations, tokens)
@@ -151,7 +161,7 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
 
     arrays = jax.device_put({k: v for k, v in frozen.items() if k != "down_hadamard"})
     step = training_step(config, opt, hooks, hadamard=frozen["down_hadamard"], weight_spec=weight_spec,
-                         micro_batch=cc.micro_batch)
+                         micro_batch=cc.micro_batch, loss=cc.loss)
 
     bar = progress_bar(cc.steps, progress if isinstance(progress, str) else "cayley", unit="step") if progress else None
     if bar is not None:

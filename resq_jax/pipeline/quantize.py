@@ -100,16 +100,19 @@ def cayley_config(qc: QuantConfig):
 
     return CayleyConfig(steps=qc.cayley_steps_used, lr=DEFAULT_CAYLEY_LR if qc.cayley_lr is None else float(qc.cayley_lr),
                         batch_size=qc.cayley_batch_used, seed=qc.seed, dtype=qc.cayley_dtype or "float32",
-                        micro_batch=qc.cayley_micro_batch)
+                        micro_batch=qc.cayley_micro_batch, loss=qc.cayley_loss or "ce")
 
 
 def training_fingerprint(config: ModelConfig | None, qc: QuantConfig, windows: np.ndarray | None = None) -> dict:
     """What a learned-rotation training depends on: the source model (when given), the recipe's settings and (when
     given) the calibration windows' SHA-256 (the settings say which of them train); a resumed run must match its
     checkpoint's. The micro-batch is left out: it changes the memory of a step, not the training, so a run may
-    resume with another."""
+    resume with another. The loss is left out when it is the cross-entropy, the only loss of earlier versions, so
+    their checkpoints still resume."""
     settings = qc.to_dict()
     settings.pop("cayley_micro_batch", None)
+    if settings.get("cayley_loss") == "ce":
+        settings.pop("cayley_loss")
     out = {"qconfig": settings} if config is None else {"model": config.to_dict(), "qconfig": settings}
     if windows is not None:
         out["windows_sha256"] = hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest()
@@ -157,7 +160,8 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
         log(f"{qc.method}: rotation training resumed from step {result.resumed_from} ({folder})")
     seconds["train"] = time.perf_counter() - t0
     details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
-                         "weights": qc.cayley_weights or "float", "dtype": qc.cayley_dtype or "float32",
+                         "weights": qc.cayley_weights or "float", "loss": qc.cayley_loss or "ce",
+                         "dtype": qc.cayley_dtype or "float32",
                          "micro_batch": qc.cayley_micro_batch_used, "resumed_from": result.resumed_from,
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "

@@ -93,7 +93,7 @@ LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 # applies to and refuses a flag that none of the requested methods uses.
 SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size",
             "cayley_steps", "cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-            "cayley_micro_batch")
+            "cayley_micro_batch", "cayley_loss")
 DEFAULT_ACT_ORDER = False
 
 
@@ -105,7 +105,7 @@ def setting_applies(name: str, method: str, high_fraction: float | None = None,
     if name == "cayley_steps":
         return integer and r.residual != "none"
     if name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-                "cayley_micro_batch"):
+                "cayley_micro_batch", "cayley_loss"):
         steps = r.default_cayley_steps if cayley_steps is None else cayley_steps
         return integer and r.residual != "none" and steps > 0
     if name in ("high_fraction", "weight_quantizer"):
@@ -137,8 +137,10 @@ _WHY = {
     "cayley_weights": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_dtype": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_micro_batch": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
+    "cayley_loss": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
 }
 CAYLEY_WEIGHTS = ("float", "rtn")  # the weights while rotations train: float, or RTN-quantized straight-through
+CAYLEY_LOSSES = ("ce", "kl")  # their loss: next-token cross-entropy, or KL divergence from the float model
 CAYLEY_DTYPES = ("float32", "bfloat16")  # how the frozen model is stored while they train (float32 arithmetic)
 
 
@@ -178,6 +180,7 @@ class QuantConfig:
     cayley_weights: str | None = None  # weights while they train: "float" (None) or "rtn" (straight-through)
     cayley_dtype: str | None = None  # the frozen model's storage while they train: "float32" (None) or "bfloat16"
     cayley_micro_batch: int | None = None  # windows per forward/backward pass of a step (None: the whole batch)
+    cayley_loss: str | None = None  # "ce" (None: next-token cross-entropy) or "kl" (from the float model)
 
     def __post_init__(self):
         if self.method not in RECIPES:
@@ -238,6 +241,9 @@ class QuantConfig:
         if self.cayley_weights is not None and self.cayley_weights not in CAYLEY_WEIGHTS:
             raise QuantConfigError(f"--cayley-weights must be one of {', '.join(CAYLEY_WEIGHTS)}, got "
                                    f"{self.cayley_weights!r}")
+        if self.cayley_loss is not None and self.cayley_loss not in CAYLEY_LOSSES:
+            raise QuantConfigError(f"--cayley-loss must be one of {', '.join(CAYLEY_LOSSES)}, got "
+                                   f"{self.cayley_loss!r}")
         if self.cayley_dtype is not None and self.cayley_dtype not in CAYLEY_DTYPES:
             raise QuantConfigError(f"--cayley-dtype must be one of {', '.join(CAYLEY_DTYPES)}, got "
                                    f"{self.cayley_dtype!r}")
@@ -317,9 +323,10 @@ class QuantConfig:
             d["cayley_weights"] = self.cayley_weights or "float"
             d["cayley_dtype"] = self.cayley_dtype or "float32"
             d["cayley_micro_batch"] = self.cayley_micro_batch_used
+            d["cayley_loss"] = self.cayley_loss or "ce"
         else:
             for name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-                         "cayley_micro_batch"):
+                         "cayley_micro_batch", "cayley_loss"):
                 d[name] = None
         if not uses_gptq(self):
             d["act_order"] = d["damp"] = None
