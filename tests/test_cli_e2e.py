@@ -72,6 +72,9 @@ def test_checkpoint_reproduces_the_reported_perplexity(quantized):
     run = json.loads(js.read_text())["runs"][0]
     assert run["method"] == "resq" and run["eval_path"] == "packed"
     assert run["ppl"]["wiki-eval"] == pytest.approx(res["runs"][1]["ppl"]["wiki-eval"], rel=1e-6)
+    assert run["weight_bits"] == res["runs"][1]["weight_bits"]  # recorded in the checkpoint, not "-"
+    row = stdout.strip().splitlines()[3].split()
+    assert row[:5] == ["resq", "W4A4KV4", "hi=0.125@8b", "rtn+clip", f"{run['weight_bits']:.2f}"], row
     assert f"{run['ppl']['wiki-eval']:.2f}" in stdout
 
 

@@ -74,10 +74,12 @@ def run(args) -> int:
         config, weights, hooks, qconfig = ckpt.config, ckpt.weights, ckpt.hooks, ckpt.qconfig
         tokenizer, source, method, new_cache = ckpt.tokenizer, ckpt.source, ckpt.method, ckpt.new_cache
         eval_path = "packed" if ckpt.packed else "fake"  # fake: an older fake-quant checkpoint
+        bits = ckpt.weight_bits  # None for a checkpoint written before it was recorded: "-" in the table
     else:
         loaded = load(args.model or DEFAULT_MODEL)
         config, hooks, tokenizer = loaded.config, IDENTITY, loaded.tokenizer
         source, method, qconfig, eval_path = loaded.source, "none", {}, "float"
+        bits = 16.0
         weights = loaded.weights
     # weights: a mapping read on access (a store, a checkpoint's layers); perplexity streams it layer by layer,
     # generation builds the whole decoder
@@ -116,7 +118,7 @@ def run(args) -> int:
         scores = task_scores(args, tasks, Resolved(config, weights, hooks, tokenizer, f"{method}", new_cache), log)
         secs += time.perf_counter() - t0
     if evals or tasks:
-        run = {"method": method, "config": qconfig, "ppl": ppl, "eval_path": eval_path,
+        run = {"method": method, "config": qconfig, "weight_bits": bits, "ppl": ppl, "eval_path": eval_path,
                "seconds": {"calibrate": 0.0, "train": 0.0, "quantize": 0.0, "evaluate": secs}}
         if scores:
             run["tasks"] = scores

@@ -82,6 +82,7 @@ class LoadedCheckpoint:
     transforms: dict[str, np.ndarray]
     tokenizer: Any
     source: str
+    weight_bits: float | None = None  # bits per decoder-linear weight (None: not recorded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def save_packed(path: str | os.PathLike, pm, *, tokenizer=None, source: str = ""
             "config": pm.config.to_dict(), "qconfig": pm.qconfig,
             "activation_spec": dataclasses.asdict(pm.spec),
             "layouts": {k: lay.to_dict() for k, lay in pm.layouts.items()},
-            "down_hadamard": pm.down_hadamard, "embedding": pm.embedding,
+            "down_hadamard": pm.down_hadamard, "embedding": pm.embedding, "weight_bits": pm.weight_bits,
             "arrays": dict(sorted(manifest.items())), "transforms": _manifest(transforms),
         }
 
@@ -534,7 +535,8 @@ def load_packed(path: str | os.PathLike, *, expect_config=None) -> LoadedPacked:
     transforms = {k: np.asarray(v) for k, v in tree.get("transforms", {}).items()}
     _check_arrays(path, transforms, t_manifest, None, "transforms")
     pm = PackedModel(config=config, arrays=arrays, layouts=layouts, spec=spec, down_hadamard=down_hadamard,
-                     qconfig=meta.get("qconfig", {}), transforms=transforms, embedding=embedding)
+                     qconfig=meta.get("qconfig", {}), transforms=transforms, embedding=embedding,
+                     weight_bits=meta.get("weight_bits"))
     return LoadedPacked(model=pm, tokenizer=_tokenizer(path), source=meta.get("source", ""))
 
 
@@ -568,6 +570,7 @@ class Runnable:
     source: str
     packed: bool
     new_cache: Any = None
+    weight_bits: float | None = None  # bits per decoder-linear weight, as the quantize run reported it
 
     @property
     def method(self) -> str:
@@ -582,9 +585,10 @@ def runnable(ckpt: LoadedPacked | LoadedCheckpoint) -> Runnable:
 
         pm = ckpt.model
         return Runnable(pm.config, packed_weights(pm), pm.hooks, pm.spec, pm.qconfig, ckpt.tokenizer, ckpt.source,
-                        packed=True, new_cache=functools.partial(init_packed_cache, pm.config, pm.spec))
+                        packed=True, new_cache=functools.partial(init_packed_cache, pm.config, pm.spec),
+                        weight_bits=pm.weight_bits)
     return Runnable(ckpt.config, ckpt.weights, ckpt.hooks, ckpt.hooks.spec, ckpt.qconfig, ckpt.tokenizer,
-                    ckpt.source, packed=False)
+                    ckpt.source, packed=False, weight_bits=ckpt.weight_bits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,7 +604,7 @@ def save_fake_quant(path: str | os.PathLike, qm, loaded, *, force: bool = False)
         "format": FAKE_QUANT_FORMAT, "version": FAKE_QUANT_VERSION, "source": loaded.source,
         "config": qm.config.to_dict(), "qconfig": qm.qconfig.to_dict(),
         "activation_spec": dataclasses.asdict(qm.hooks.spec), "statics": statics,
-        "down_hadamard": qm.transforms.down_hadamard,
+        "down_hadamard": qm.transforms.down_hadamard, "weight_bits": qm.details.get("weight_bits"),
     }
 
     def write(staging: Path) -> dict:
@@ -623,7 +627,7 @@ def load_fake_quant(path: str | os.PathLike) -> LoadedCheckpoint:
     return LoadedCheckpoint(config=config, weights=weights,
                             hooks=FakeQuantHooks(ActivationSpec(**meta["activation_spec"])),
                             qconfig=meta["qconfig"], transforms=dict(tree.get("transforms", {})),
-                            tokenizer=_tokenizer(path), source=meta["source"])
+                            tokenizer=_tokenizer(path), source=meta["source"], weight_bits=meta.get("weight_bits"))
 
 
 def _check_fake_quant_shapes(config, weights: dict, path: Path):

@@ -89,6 +89,8 @@ class PackedModel:
                 key [L, hd, hd]) for inspection and reuse; the runtime does not need them
     embedding:  how the embeddings are stored: {"bits": 16} (float ``embed`` / ``lm_head``) or
                 {"bits", "group", "head"} for resq_jax.quant.embeddings codes (embedding_arrays)
+    weight_bits: average storage bits per decoder-linear weight (pipeline.quantize.weight_bits), what the
+                results table reports; None when unknown (a checkpoint written before it was saved)
     """
 
     config: ModelConfig
@@ -99,6 +101,7 @@ class PackedModel:
     qconfig: dict
     transforms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     embedding: dict = dataclasses.field(default_factory=lambda: {"bits": 16})
+    weight_bits: float | None = None
 
     @property
     def hooks(self) -> PackedHooks:
@@ -348,7 +351,8 @@ def pack_model(qm, embed_dtype=np.float16) -> PackedModel:
                   if isinstance(v, np.ndarray)}
     arrays = PackedArrays(shared, config.num_layers, lambda i: _pack_layer(qm, layouts, i))
     return PackedModel(config=config, arrays=arrays, layouts=layouts, spec=spec, down_hadamard=hadamard.pop(),
-                       qconfig=qm.qconfig.to_dict(), transforms=transforms, embedding=embedding)
+                       qconfig=qm.qconfig.to_dict(), transforms=transforms, embedding=embedding,
+                       weight_bits=qm.details.get("weight_bits"))
 
 
 def _pack_layer(qm, layouts: Mapping[str, LinearLayout], i: int) -> dict[str, np.ndarray]:
