@@ -103,11 +103,12 @@ def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks:
                   weight_spec: WeightSpec | None = None, micro_batch: int | None = None, loss: str = "ce"):
     """The jitted step (rotations, opt_state, tokens [B, T], arrays) -> (rotations, opt_state, mean loss): the
     value and gradient of the mean over the B windows of ``LOSSES[loss]`` (``rotated_nll`` or ``rotated_kl``),
-    then one ``opt`` update. With ``micro_batch`` m (dividing B) the windows pass m at a time under a ``lax.scan`` that sums the losses and gradients of the
-    B / m passes: the same mean and gradient (to float rounding), with one micro-batch's activations alive
-    instead of the whole batch's. ``arrays`` is the frozen model (``stack_layers``) without its ``down_hadamard``
-    size (``hadamard``, static). The model is an argument, not a closure: closed-over arrays would be baked into
-    the executable as constants (a second copy of the model, and a slow compile)."""
+    then one ``opt`` update. With ``micro_batch`` m (dividing B) the windows pass m at a time under a ``lax.scan``
+    that sums the losses and gradients of the B / m passes: the same mean and gradient (to float rounding), with
+    one micro-batch's activations alive instead of the whole batch's. ``arrays`` is the frozen model
+    (``stack_layers``) without its ``down_hadamard`` size (``hadamard``, static). The model is an argument, not a
+    closure: closed-over arrays would be baked into the executable as constants (a second copy of the model, and
+    a slow compile)."""
     if loss not in LOSSES:
         raise ValueError(f"the training loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     loss_fn = LOSSES[loss]
