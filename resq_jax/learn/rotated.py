@@ -170,27 +170,31 @@ def quantize_rotated(config: ModelConfig, w: Mapping[str, jax.Array], spec: Weig
     return out
 
 
-def rotated_hidden(rotations: dict, frozen: dict, tokens: jax.Array, *, config: ModelConfig,
+def rotated_hidden(rotations: dict | None, frozen: dict, tokens: jax.Array, *, config: ModelConfig,
                    hooks: SiteHooks = IDENTITY, weight_spec: WeightSpec | None = None) -> jax.Array:
     """tokens: [B, T] -> [B * (T - 1), d] final normed hidden states of positions 0..T-2 of the model ``frozen``
     (``stack_layers``) with ``rotations`` ({"residual": blocks [n, n], "value": blocks [L, n, n]}) applied on the
     fly, rotated back into ``frozen``'s basis (h Q1^T), so that ``h @ frozen["lm_head"]`` are its logits; with
-    ``weight_spec`` its linears RTN-quantized straight-through (``quantize_rotated``)."""
-    q1 = block_diag(rotations["residual"])
-    q2 = block_diag(rotations["value"])  # [L, hd, hd]
+    ``weight_spec`` its linears RTN-quantized straight-through (``quantize_rotated``). ``rotations=None``: the
+    frozen model as it is (no rotation products)."""
+    rotated = rotations is not None
+    q1 = block_diag(rotations["residual"]) if rotated else None
+    q2 = block_diag(rotations["value"]) if rotated else None  # [L, hd, hd]
     t = tokens.shape[1]
     positions = jnp.arange(t)
     cos, sin = rope_tables(jnp.asarray(inverse_frequencies(config)), positions)
-    x = exact_matmul(as_float32(jnp.take(jnp.asarray(frozen["embed"]), tokens, axis=0)), q1)
+    x = as_float32(jnp.take(jnp.asarray(frozen["embed"]), tokens, axis=0))
+    x = exact_matmul(x, q1) if rotated else x
     hadamard = frozen["down_hadamard"]
 
     @jax.checkpoint
     def layer(x, xs):
         w, q2_l = xs
-        rotated = rotate_layer(config, {k: as_float32(v) for k, v in w.items()}, q1, q2_l)
+        w = {k: as_float32(v) for k, v in w.items()}
+        w = rotate_layer(config, w, q1, q2_l) if rotated else w
         if weight_spec is not None:
-            rotated = quantize_rotated(config, rotated, weight_spec)
-        named = {f"layers.0.{k}": v for k, v in rotated.items()}
+            w = quantize_rotated(config, w, weight_spec)
+        named = {f"layers.0.{k}": v for k, v in w.items()}
         if hadamard:
             named["layers.0.down_hadamard"] = hadamard
         y, _, _ = DecoderLayer(config, named, 0)(x, cos, sin, positions, hooks)
@@ -199,7 +203,7 @@ def rotated_hidden(rotations: dict, frozen: dict, tokens: jax.Array, *, config: 
     x, _ = jax.lax.scan(layer, x, ({k: jnp.asarray(v) for k, v in frozen["layers"].items()}, q2))
     d = x.shape[-1]
     h = rms_norm(x, jnp.asarray(frozen["norm"]), config.rms_eps).astype(jnp.float32)[:, :-1].reshape(-1, d)
-    return exact_matmul(h, q1.T)  # (Q1^T W) is applied as (h Q1^T) W: no rotated copy of the head
+    return exact_matmul(h, q1.T) if rotated else h  # (Q1^T W) applied as (h Q1^T) W: no rotated copy of the head
 
 
 def _head(frozen: dict) -> jax.Array:
@@ -222,9 +226,9 @@ def rotated_kl(rotations: dict, frozen: dict, tokens: jax.Array, *, config: Mode
     """tokens: [B, T] -> mean over positions of KL(float || quantized) per window [B]: the next-token distribution
     of the float model (``frozen`` with identity hooks and float weights, a constant: no gradient flows into it)
     against the rotated model's under ``hooks`` and ``weight_spec``. The float model does not depend on the
-    rotations (module docstring), so it is run with them (stopped) rather than with identity blocks."""
+    rotations (module docstring), so it is run without them: ``frozen`` as it is."""
     h = rotated_hidden(rotations, frozen, tokens, config=config, hooks=hooks, weight_spec=weight_spec)
-    h_float = rotated_hidden(jax.lax.stop_gradient(rotations), frozen, tokens, config=config)
+    h_float = rotated_hidden(None, frozen, tokens, config=config)
     kl = chunked_kl(h, jax.lax.stop_gradient(h_float), _head(frozen), vocab_axis=1)
     return kl.reshape(tokens.shape[0], -1).mean(axis=-1)
 
