@@ -25,14 +25,15 @@ def _closed_form(x, g, m, lr, momentum, bound):
     return np.linalg.solve(eye + a / 2 * m, (eye - a / 2 * m) @ x), m
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("bound", [False, True])
-def test_steps_equal_the_float64_closed_form(bound):
-    """Three steps with momentum 0.9 on random 6 x 6 cases (two batched matrices), in float64."""
+def test_steps_equal_the_float64_closed_form(bound, momentum):
+    """Three steps with momentum 0.9 or none on random 6 x 6 cases (two batched matrices), in float64."""
     rng = np.random.default_rng(0)
     x0 = _orthogonal(rng, 2, 6, 6)
     grads = [rng.standard_normal((2, 6, 6)) for _ in range(3)]
     with jax.enable_x64(True):
-        opt = cayley_sgd(0.3, momentum=0.9, step_bound=bound)
+        opt = cayley_sgd(0.3, momentum=momentum, step_bound=bound)
         x = jnp.asarray(x0)
         state = opt.init(x)
         for g in grads:
@@ -42,7 +43,7 @@ def test_steps_equal_the_float64_closed_form(bound):
     for b in range(2):
         want, m = x0[b], np.zeros((6, 6))
         for g in grads:
-            want, m = _closed_form(want, g[b], m, 0.3, 0.9, bound)
+            want, m = _closed_form(want, g[b], m, 0.3, momentum, bound)
         np.testing.assert_allclose(got[b], want, rtol=0, atol=1e-12)
         assert np.abs(want - x0[b]).max() > 0.05  # the steps moved it
     assert int(state.count) == 3 and int(state.skipped) == 0

@@ -506,6 +506,50 @@ def test_pipeline_trains_on_the_kl_loss_when_asked(tiny, sampled, tmp_path):
         QuantConfig(**common, cayley_loss="mse")
 
 
+def test_cayley_momentum_reaches_the_optimizer():
+    """--cayley-momentum 0 gives plain bounded steps: two updates of the pipeline's optimizer equal, in float64,
+    X <- (I + a/2 W)^-1 (I - a/2 W) X with W = G X^T - X G^T of that step's gradient alone and
+    a = min(lr_t, 1/||W||_1), lr_t the cosine decay; the default keeps 0.9 and the fingerprint its old key set,
+    any other value is in the JSON settings and the fingerprint, and values outside [0, 1) are refused."""
+    import optax
+
+    from resq_jax.learn.train import optimizer
+    from resq_jax.pipeline.quantize import cayley_config, training_fingerprint
+    from resq_jax.pipeline.recipes import QuantConfig, QuantConfigError
+
+    common = {"method": "spinquant", "cayley_steps": 4, "cayley_lr": 1.5}
+    qc = QuantConfig(**common, cayley_momentum=0.0)
+    assert cayley_config(qc).momentum == 0.0 and cayley_config(QuantConfig(**common)).momentum == 0.9
+    assert qc.to_dict()["cayley_momentum"] == 0.0 and QuantConfig(**common).to_dict()["cayley_momentum"] == 0.9
+    default = training_fingerprint(None, QuantConfig(**common))
+    assert "cayley_momentum" not in default["qconfig"]
+    assert training_fingerprint(None, qc)["qconfig"]["cayley_momentum"] == 0.0
+    rng = np.random.default_rng(3)
+    x0, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    grads = [rng.standard_normal((8, 8)) * s for s in (0.02, 5.0)]
+    with jax.enable_x64(True):
+        opt = optimizer(cayley_config(qc))
+        x = jnp.asarray(x0)
+        state = opt.init(x)
+        for g in grads:
+            upd, state = opt.update(jnp.asarray(g), state, x)
+            x = optax.apply_updates(x, upd)
+        got = np.asarray(x)
+    want, limits = x0, []
+    for t, g in enumerate(grads):
+        w = g @ want.T - want @ g.T
+        lr_t, bound = 1.5 * 0.5 * (1 + np.cos(np.pi * t / 4)), 1 / (np.abs(w).sum(axis=0).max() + 1e-8)
+        a, which = min((lr_t, "lr"), (bound, "bound"))
+        limits.append(which)
+        eye = np.eye(8)
+        want = np.linalg.solve(eye + a / 2 * w, (eye - a / 2 * w) @ want)
+    assert limits == ["lr", "bound"]  # both branches of the step size
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(QuantConfigError, match="--cayley-momentum must be a number in"):
+            QuantConfig(**common, cayley_momentum=bad)
+
+
 def test_a_killed_quantize_run_resumes_its_rotation_training(tmp_path):
     """quantize.py --cayley-checkpoint, killed (SIGKILL) once a checkpoint is on disk, then run again: it resumes
     there and ends with the uninterrupted run's losses and perplexity, to the last digit; the same folder with

@@ -33,7 +33,8 @@ FROZEN_DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class CayleyConfig:
-    """Defaults from the ResQ / SpinQuant papers: 100 steps, batch 8, lr 1.5 with cosine decay, momentum 0.9.
+    """Defaults from the ResQ / SpinQuant papers: 100 steps, batch 8, lr 1.5 with cosine decay; momentum 0.9 from
+    Li et al.'s Cayley SGD (SpinQuant's and ResQ's official code train with momentum 0: plain bounded steps).
     ``dtype``: how the frozen model is stored while the rotations train (float32, or bfloat16: half the memory,
     float32 arithmetic either way). ``micro_batch``: windows per forward and backward pass, the gradient summed
     over batch_size / micro_batch passes (None: the whole batch at once); the same training, less memory.
@@ -63,6 +64,8 @@ class CayleyConfig:
             raise ValueError(f"the training loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.dtype not in FROZEN_DTYPES:
             raise ValueError(f"the frozen model's dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.dtype!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ValueError(f"the Cayley momentum must be a number in [0, 1), got {self.momentum!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"the Cayley learning rate must be a positive number, got {self.lr!r}")
 

@@ -85,6 +85,7 @@ DEFAULT_RANK = 32
 # learned rotations (resq_jax.learn.train.CayleyConfig): the papers' settings, 100 steps of batch 8 at lr 1.5
 DEFAULT_CAYLEY_LR = 1.5
 DEFAULT_CAYLEY_BATCH = 8
+DEFAULT_CAYLEY_MOMENTUM = 0.9  # Li et al.'s Cayley SGD; SpinQuant's and ResQ's official training runs without (0)
 LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 
 
@@ -93,7 +94,7 @@ LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 # applies to and refuses a flag that none of the requested methods uses.
 SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size",
             "cayley_steps", "cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-            "cayley_micro_batch", "cayley_loss")
+            "cayley_micro_batch", "cayley_loss", "cayley_momentum")
 DEFAULT_ACT_ORDER = False
 
 
@@ -105,7 +106,7 @@ def setting_applies(name: str, method: str, high_fraction: float | None = None,
     if name == "cayley_steps":
         return integer and r.residual != "none"
     if name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-                "cayley_micro_batch", "cayley_loss"):
+                "cayley_micro_batch", "cayley_loss", "cayley_momentum"):
         steps = r.default_cayley_steps if cayley_steps is None else cayley_steps
         return integer and r.residual != "none" and steps > 0
     if name in ("high_fraction", "weight_quantizer"):
@@ -138,6 +139,7 @@ _WHY = {
     "cayley_dtype": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_micro_batch": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_loss": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
+    "cayley_momentum": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
 }
 CAYLEY_WEIGHTS = ("float", "rtn")  # the weights while rotations train: float, or RTN-quantized straight-through
 CAYLEY_LOSSES = ("ce", "kl")  # their loss: next-token cross-entropy, or KL divergence from the float model
@@ -181,6 +183,7 @@ class QuantConfig:
     cayley_dtype: str | None = None  # the frozen model's storage while they train: "float32" (None) or "bfloat16"
     cayley_micro_batch: int | None = None  # windows per forward/backward pass of a step (None: the whole batch)
     cayley_loss: str | None = None  # "ce" (None: next-token cross-entropy) or "kl" (from the float model)
+    cayley_momentum: float | None = None  # Cayley SGD's momentum in [0, 1) (None: DEFAULT_CAYLEY_MOMENTUM)
 
     def __post_init__(self):
         if self.method not in RECIPES:
@@ -238,6 +241,10 @@ class QuantConfig:
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr)
                                or not lr > 0):
             raise QuantConfigError(f"--cayley-lr must be a positive number (the papers use 1.5), got {lr!r}")
+        mu = self.cayley_momentum
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1):
+            raise QuantConfigError(f"--cayley-momentum must be a number in [0, 1) (0: plain steps, as SpinQuant's "
+                                   f"code; default {DEFAULT_CAYLEY_MOMENTUM}), got {mu!r}")
         if self.cayley_weights is not None and self.cayley_weights not in CAYLEY_WEIGHTS:
             raise QuantConfigError(f"--cayley-weights must be one of {', '.join(CAYLEY_WEIGHTS)}, got "
                                    f"{self.cayley_weights!r}")
@@ -264,6 +271,10 @@ class QuantConfig:
     @property
     def cayley_batch_used(self) -> int:
         return DEFAULT_CAYLEY_BATCH if self.cayley_batch is None else int(self.cayley_batch)
+
+    @property
+    def cayley_momentum_used(self) -> float:
+        return DEFAULT_CAYLEY_MOMENTUM if self.cayley_momentum is None else float(self.cayley_momentum)
 
     @property
     def cayley_micro_batch_used(self) -> int:
@@ -324,9 +335,10 @@ class QuantConfig:
             d["cayley_dtype"] = self.cayley_dtype or "float32"
             d["cayley_micro_batch"] = self.cayley_micro_batch_used
             d["cayley_loss"] = self.cayley_loss or "ce"
+            d["cayley_momentum"] = self.cayley_momentum_used
         else:
             for name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-                         "cayley_micro_batch", "cayley_loss"):
+                         "cayley_micro_batch", "cayley_loss", "cayley_momentum"):
                 d[name] = None
         if not uses_gptq(self):
             d["act_order"] = d["damp"] = None
