@@ -550,6 +550,23 @@ def test_cayley_momentum_reaches_the_optimizer():
             QuantConfig(**common, cayley_momentum=bad)
 
 
+def test_the_table_labels_the_training_settings_that_differ_from_the_defaults():
+    """The printed table's config column names the training: steps@lr, then /w-rtn, /kl, /mMU, /bf16 only when
+    they differ from the defaults."""
+    from resq_jax.cli.table import format_table
+    from resq_jax.pipeline.recipes import QuantConfig
+
+    def label(**kw):
+        cfg = QuantConfig(method="spinquant", **kw).to_dict()
+        table = format_table("m", [{"method": "spinquant", "config": cfg, "ppl": {"t": 1.0}}])
+        return table.splitlines()[-1].split("  ")[1].strip()
+
+    assert label() == "W4A4KV4 gptq+clip cayley100@1.5"
+    assert label(cayley_steps=30, cayley_lr=0.1, cayley_weights="rtn", cayley_loss="kl", cayley_momentum=0.0,
+                 cayley_dtype="bfloat16") == "W4A4KV4 gptq+clip cayley30@0.1/w-rtn/kl/m0/bf16"
+    assert label(cayley_momentum=0.9, cayley_loss="ce") == label()
+
+
 def test_a_killed_quantize_run_resumes_its_rotation_training(tmp_path):
     """quantize.py --cayley-checkpoint, killed (SIGKILL) once a checkpoint is on disk, then run again: it resumes
     there and ends with the uninterrupted run's losses and perplexity, to the last digit; the same folder with
