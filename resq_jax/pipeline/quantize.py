@@ -16,7 +16,8 @@ from resq_jax.calibration.statistics import CalibrationStats, calibrate
 from resq_jax.formats.bits import OFF
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.pipeline.recipes import DEFAULT_CAYLEY_LR, DEFAULT_CAYLEY_MOMENTUM, LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe, uses_gptq
+from resq_jax.pipeline.recipes import (DEFAULT_CAYLEY_LR, DEFAULT_CAYLEY_MOMENTUM, LOWRANK_BITS, QuantConfig,
+                                      QuantConfigError, Recipe, uses_gptq)
 from resq_jax.quant.code_store import CodeStore
 from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
 from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
