@@ -16,8 +16,8 @@ from resq_jax.calibration.statistics import CalibrationStats, calibrate
 from resq_jax.formats.bits import OFF
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.pipeline.recipes import (DEFAULT_CAYLEY_LR, DEFAULT_CAYLEY_MOMENTUM, LOWRANK_BITS, QuantConfig,
-                                      QuantConfigError, Recipe, uses_gptq)
+from resq_jax.pipeline.recipes import (DEFAULT_CAYLEY_MOMENTUM, LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe,
+                                      uses_gptq)
 from resq_jax.quant.code_store import CodeStore
 from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
 from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
@@ -99,9 +99,8 @@ def cayley_config(qc: QuantConfig):
     """The training settings of ``qc``'s learned rotations (learn.train.CayleyConfig)."""
     from resq_jax.learn.train import CayleyConfig
 
-    return CayleyConfig(steps=qc.cayley_steps_used, lr=DEFAULT_CAYLEY_LR if qc.cayley_lr is None else float(qc.cayley_lr),
-                        batch_size=qc.cayley_batch_used, seed=qc.seed, dtype=qc.cayley_dtype or "float32",
-                        micro_batch=qc.cayley_micro_batch, loss=qc.cayley_loss or "ce",
+    return CayleyConfig(steps=qc.cayley_steps_used, lr=qc.cayley_lr_used, batch_size=qc.cayley_batch_used, seed=qc.seed,
+                        dtype=qc.cayley_dtype_used, micro_batch=qc.cayley_micro_batch, loss=qc.cayley_loss_used,
                         momentum=qc.cayley_momentum_used)
 
 
@@ -164,9 +163,8 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
         log(f"{qc.method}: rotation training resumed from step {result.resumed_from} ({folder})")
     seconds["train"] = time.perf_counter() - t0
     details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
-                         "weights": qc.cayley_weights or "float", "loss": qc.cayley_loss or "ce",
-                         "momentum": qc.cayley_momentum_used,
-                         "dtype": qc.cayley_dtype or "float32",
+                         "weights": qc.cayley_weights_used, "loss": qc.cayley_loss_used,
+                         "momentum": qc.cayley_momentum_used, "dtype": qc.cayley_dtype_used,
                          "micro_batch": qc.cayley_micro_batch_used, "resumed_from": result.resumed_from,
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "

@@ -273,8 +273,24 @@ class QuantConfig:
         return DEFAULT_CAYLEY_BATCH if self.cayley_batch is None else int(self.cayley_batch)
 
     @property
+    def cayley_lr_used(self) -> float:
+        return DEFAULT_CAYLEY_LR if self.cayley_lr is None else float(self.cayley_lr)
+
+    @property
     def cayley_momentum_used(self) -> float:
         return DEFAULT_CAYLEY_MOMENTUM if self.cayley_momentum is None else float(self.cayley_momentum)
+
+    @property
+    def cayley_weights_used(self) -> str:
+        return self.cayley_weights or "float"
+
+    @property
+    def cayley_loss_used(self) -> str:
+        return self.cayley_loss or "ce"
+
+    @property
+    def cayley_dtype_used(self) -> str:
+        return self.cayley_dtype or "float32"
 
     @property
     def cayley_micro_batch_used(self) -> int:
@@ -329,13 +345,8 @@ class QuantConfig:
         d["rank"] = self.rank_used
         d["cayley_steps"] = self.cayley_steps_used
         if self.cayley_steps_used:
-            d["cayley_lr"] = DEFAULT_CAYLEY_LR if self.cayley_lr is None else float(self.cayley_lr)
-            d["cayley_batch"] = self.cayley_batch_used
-            d["cayley_weights"] = self.cayley_weights or "float"
-            d["cayley_dtype"] = self.cayley_dtype or "float32"
-            d["cayley_micro_batch"] = self.cayley_micro_batch_used
-            d["cayley_loss"] = self.cayley_loss or "ce"
-            d["cayley_momentum"] = self.cayley_momentum_used
+            for name in ("lr", "batch", "weights", "dtype", "micro_batch", "loss", "momentum"):
+                d[f"cayley_{name}"] = getattr(self, f"cayley_{name}_used")
         else:
             for name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
                          "cayley_micro_batch", "cayley_loss", "cayley_momentum"):
