@@ -56,6 +56,8 @@ def assert_clean_error(res, *needles):
     (["--method", "resq", "--cayley-loss", "kl"], ["--cayley-loss does not apply to method 'resq'"]),
     (["--method", "resq", "--cayley-momentum", "0"], ["--cayley-momentum does not apply to method 'resq'"]),
     (["--method", "spinquant", "--cayley-momentum", "1"], ["--cayley-momentum must be a number in [0, 1)"]),
+    (["--method", "resq", "--cayley-clip", "1"], ["--cayley-clip does not apply to method 'resq'"]),
+    (["--method", "spinquant", "--cayley-clip", "-1"], ["--cayley-clip must be a number >= 0"]),
 ])
 def test_quantize_rejects_bad_settings_before_loading(args, needles):
     assert_clean_error(run("quantize.py", "--model", "/nonexistent/model", *args), *needles)

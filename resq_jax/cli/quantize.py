@@ -99,8 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the papers'), or kl, the KL divergence from the float model's next-token distribution "
                         "(one more forward pass per step, no backward)")
     g.add_argument("--cayley-momentum", type=float, default=None, metavar="MU",
-                   help="momentum of Cayley SGD in [0, 1) (default 0.9, Li et al.'s; 0 gives plain steps, as "
-                        "SpinQuant's and ResQ's official training)")
+                   help="momentum of Cayley SGD in [0, 1) (default 0: plain steps, as SpinQuant's and ResQ's "
+                        "official training; Li et al. use 0.9)")
+    g.add_argument("--cayley-clip", type=float, default=None, metavar="NORM",
+                   help="scale the gradient down to this global norm before each step when it is larger "
+                        "(default 1.0, as the papers' code through the Hugging Face Trainer; 0: no clipping)")
     g.add_argument("--cayley-dtype", choices=("float32", "bfloat16"), default=None,
                    help="how the frozen model is stored while the rotations train: float32 (default) or bfloat16 "
                         "(half the memory, for large models; the arithmetic stays float32)")

@@ -55,10 +55,12 @@ def _describe(method: str, cfg: dict) -> str:
             text += "/w-rtn"
         if cfg.get("cayley_loss") == "kl":
             text += "/kl"
-        from resq_jax.pipeline.recipes import DEFAULT_CAYLEY_MOMENTUM
+        from resq_jax.pipeline.recipes import DEFAULT_CAYLEY_CLIP, DEFAULT_CAYLEY_MOMENTUM
 
         if cfg.get("cayley_momentum") not in (None, DEFAULT_CAYLEY_MOMENTUM):
             text += f"/m{cfg['cayley_momentum']:g}"
+        if cfg.get("cayley_clip") not in (None, DEFAULT_CAYLEY_CLIP):
+            text += f"/clip{cfg['cayley_clip']:g}"
         if cfg.get("cayley_dtype") == "bfloat16":
             text += "/bf16"
     if not off(cfg.get("embed_bits")):

@@ -33,8 +33,11 @@ FROZEN_DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class CayleyConfig:
-    """Defaults from the ResQ / SpinQuant papers: 100 steps, batch 8, lr 1.5 with cosine decay; momentum 0.9 from
-    Li et al.'s Cayley SGD (SpinQuant's and ResQ's official code train with momentum 0: plain bounded steps).
+    """Defaults from the ResQ / SpinQuant papers and their official code: 100 steps, batch 8, lr 1.5 with cosine
+    decay, no momentum (plain bounded steps; Li et al.'s Cayley SGD uses 0.9), the gradient clipped to global
+    norm 1.0. ``clip``: the gradient is scaled to this global norm (over all the rotations) when it is larger,
+    before the step (None: never); the papers' code trains through the Hugging Face ``Trainer``, whose default
+    ``max_grad_norm`` of 1.0 does this, so a step is lr_t times the clipped gradient rather than the bound.
     ``dtype``: how the frozen model is stored while the rotations train (float32, or bfloat16: half the memory,
     float32 arithmetic either way). ``micro_batch``: windows per forward and backward pass, the gradient summed
     over batch_size / micro_batch passes (None: the whole batch at once); the same training, less memory.
@@ -45,13 +48,14 @@ class CayleyConfig:
     steps: int = 100
     lr: float = 1.5
     batch_size: int = 8
-    momentum: float = 0.9
+    momentum: float = 0.0
     seed: int = 0
     checkpoint_every: int = 10
     diverge_factor: float = 4.0
     dtype: str = "float32"
     micro_batch: int | None = None
     loss: str = "ce"
+    clip: float | None = 1.0
 
     def __post_init__(self):
         optional = ("micro_batch",) if self.micro_batch is not None else ()
@@ -66,6 +70,9 @@ class CayleyConfig:
             raise ValueError(f"the frozen model's dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.dtype!r}")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ValueError(f"the Cayley momentum must be a number in [0, 1), got {self.momentum!r}")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool)
+                                          and math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"the gradient clip must be a positive number or None, got {self.clip!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"the Cayley learning rate must be a positive number, got {self.lr!r}")
 
@@ -98,8 +105,11 @@ def _manager(folder):
 
 
 def optimizer(cc: CayleyConfig) -> optax.GradientTransformation:
-    """Cayley SGD with momentum under a cosine decay of the learning rate from ``cc.lr`` to 0 over ``cc.steps``."""
-    return cayley_sgd(optax.cosine_decay_schedule(cc.lr, cc.steps), momentum=cc.momentum)
+    """Cayley SGD with momentum under a cosine decay of the learning rate from ``cc.lr`` to 0 over ``cc.steps``,
+    after ``optax.clip_by_global_norm(cc.clip)`` when ``cc.clip`` is set (the Euclidean gradient dL/dX, as
+    torch's ``clip_grad_norm_`` clips ``p.grad`` before the optimizer sees it)."""
+    sgd = cayley_sgd(optax.cosine_decay_schedule(cc.lr, cc.steps), momentum=cc.momentum)
+    return sgd if cc.clip is None else optax.chain(optax.clip_by_global_norm(cc.clip), sgd)
 
 
 def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks: SiteHooks, *, hadamard: int,

@@ -16,8 +16,7 @@ from resq_jax.calibration.statistics import CalibrationStats, calibrate
 from resq_jax.formats.bits import OFF
 from resq_jax.models.config import ModelConfig
 from resq_jax.models.streaming import LayerStreamer
-from resq_jax.pipeline.recipes import (DEFAULT_CAYLEY_MOMENTUM, LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe,
-                                      uses_gptq)
+from resq_jax.pipeline.recipes import LOWRANK_BITS, QuantConfig, QuantConfigError, Recipe, uses_gptq
 from resq_jax.quant.code_store import CodeStore
 from resq_jax.quant.embeddings import EmbeddingConfigError, check_embed_settings, quantize_embeddings
 from resq_jax.quant.fake_quant import FakeQuantHooks, fake_quantize_key_rotation
@@ -101,21 +100,25 @@ def cayley_config(qc: QuantConfig):
 
     return CayleyConfig(steps=qc.cayley_steps_used, lr=qc.cayley_lr_used, batch_size=qc.cayley_batch_used, seed=qc.seed,
                         dtype=qc.cayley_dtype_used, micro_batch=qc.cayley_micro_batch, loss=qc.cayley_loss_used,
-                        momentum=qc.cayley_momentum_used)
+                        momentum=qc.cayley_momentum_used, clip=qc.cayley_clip_used or None)
+
+
+# The training settings that earlier versions had no choice of, at the value they used: a fingerprint leaves
+# them out at that value, so those versions' checkpoints resume.
+EARLIER_TRAINING = {"cayley_loss": "ce", "cayley_momentum": 0.9, "cayley_clip": 0.0}
 
 
 def training_fingerprint(config: ModelConfig | None, qc: QuantConfig, windows: np.ndarray | None = None) -> dict:
     """What a learned-rotation training depends on: the source model (when given), the recipe's settings and (when
     given) the calibration windows' SHA-256 (the settings say which of them train); a resumed run must match its
     checkpoint's. The micro-batch is left out: it changes the memory of a step, not the training, so a run may
-    resume with another. The loss and the momentum are left out at their defaults (the cross-entropy, 0.9), the only
-    settings of earlier versions, so their checkpoints still resume."""
+    resume with another. The loss, the momentum and the clip are left out at the only settings of earlier versions
+    (the cross-entropy, 0.9, no clipping), so their checkpoints still resume with those."""
     settings = qc.to_dict()
     settings.pop("cayley_micro_batch", None)
-    if settings.get("cayley_loss") == "ce":
-        settings.pop("cayley_loss")
-    if settings.get("cayley_momentum") == DEFAULT_CAYLEY_MOMENTUM:
-        settings.pop("cayley_momentum")
+    for name, old in EARLIER_TRAINING.items():
+        if name in settings and settings[name] == old:
+            settings.pop(name)
     out = {"qconfig": settings} if config is None else {"model": config.to_dict(), "qconfig": settings}
     if windows is not None:
         out["windows_sha256"] = hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest()
@@ -164,7 +167,8 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
     seconds["train"] = time.perf_counter() - t0
     details["cayley"] = {"steps": len(result.losses), "windows": len(windows), "seq_len": int(windows.shape[1]),
                          "weights": qc.cayley_weights_used, "loss": qc.cayley_loss_used,
-                         "momentum": qc.cayley_momentum_used, "dtype": qc.cayley_dtype_used,
+                         "momentum": qc.cayley_momentum_used, "clip": qc.cayley_clip_used,
+                         "dtype": qc.cayley_dtype_used,
                          "micro_batch": qc.cayley_micro_batch_used, "resumed_from": result.resumed_from,
                          "losses": [float(x) for x in result.losses], "seconds": result.seconds}
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "

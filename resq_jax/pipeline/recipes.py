@@ -85,7 +85,8 @@ DEFAULT_RANK = 32
 # learned rotations (resq_jax.learn.train.CayleyConfig): the papers' settings, 100 steps of batch 8 at lr 1.5
 DEFAULT_CAYLEY_LR = 1.5
 DEFAULT_CAYLEY_BATCH = 8
-DEFAULT_CAYLEY_MOMENTUM = 0.9  # Li et al.'s Cayley SGD; SpinQuant's and ResQ's official training runs without (0)
+DEFAULT_CAYLEY_MOMENTUM = 0.0  # SpinQuant's and ResQ's official training (Li et al.'s Cayley SGD uses 0.9)
+DEFAULT_CAYLEY_CLIP = 1.0  # the gradient's global norm, as the papers' code (Hugging Face Trainer's max_grad_norm)
 LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 
 
@@ -94,7 +95,7 @@ LOWRANK_BITS = 8  # A, B and x @ A of the integer recipes' low-rank correction
 # applies to and refuses a flag that none of the requested methods uses.
 SETTINGS = ("high_bits", "high_fraction", "weight_quantizer", "act_order", "damp", "rank", "w_format", "group_size",
             "cayley_steps", "cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-            "cayley_micro_batch", "cayley_loss", "cayley_momentum")
+            "cayley_micro_batch", "cayley_loss", "cayley_momentum", "cayley_clip")
 DEFAULT_ACT_ORDER = False
 
 
@@ -106,7 +107,7 @@ def setting_applies(name: str, method: str, high_fraction: float | None = None,
     if name == "cayley_steps":
         return integer and r.residual != "none"
     if name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-                "cayley_micro_batch", "cayley_loss", "cayley_momentum"):
+                "cayley_micro_batch", "cayley_loss", "cayley_momentum", "cayley_clip"):
         steps = r.default_cayley_steps if cayley_steps is None else cayley_steps
         return integer and r.residual != "none" and steps > 0
     if name in ("high_fraction", "weight_quantizer"):
@@ -140,6 +141,7 @@ _WHY = {
     "cayley_micro_batch": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_loss": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
     "cayley_momentum": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
+    "cayley_clip": "it learns no rotations (give --cayley-steps N to resq, quarot or resq+l2qer)",
 }
 CAYLEY_WEIGHTS = ("float", "rtn")  # the weights while rotations train: float, or RTN-quantized straight-through
 CAYLEY_LOSSES = ("ce", "kl")  # their loss: next-token cross-entropy, or KL divergence from the float model
@@ -184,6 +186,7 @@ class QuantConfig:
     cayley_micro_batch: int | None = None  # windows per forward/backward pass of a step (None: the whole batch)
     cayley_loss: str | None = None  # "ce" (None: next-token cross-entropy) or "kl" (from the float model)
     cayley_momentum: float | None = None  # Cayley SGD's momentum in [0, 1) (None: DEFAULT_CAYLEY_MOMENTUM)
+    cayley_clip: float | None = None  # the gradient's global norm bound (None: DEFAULT_CAYLEY_CLIP; 0: no clipping)
 
     def __post_init__(self):
         if self.method not in RECIPES:
@@ -245,6 +248,11 @@ class QuantConfig:
         if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1):
             raise QuantConfigError(f"--cayley-momentum must be a number in [0, 1) (0: plain steps, as SpinQuant's "
                                    f"code; default {DEFAULT_CAYLEY_MOMENTUM}), got {mu!r}")
+        clip = self.cayley_clip
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not np.isfinite(clip)
+                                 or clip < 0):
+            raise QuantConfigError(f"--cayley-clip must be a number >= 0 (the gradient's global norm bound; 0: no "
+                                   f"clipping; default {DEFAULT_CAYLEY_CLIP:g}), got {clip!r}")
         if self.cayley_weights is not None and self.cayley_weights not in CAYLEY_WEIGHTS:
             raise QuantConfigError(f"--cayley-weights must be one of {', '.join(CAYLEY_WEIGHTS)}, got "
                                    f"{self.cayley_weights!r}")
@@ -279,6 +287,11 @@ class QuantConfig:
     @property
     def cayley_momentum_used(self) -> float:
         return DEFAULT_CAYLEY_MOMENTUM if self.cayley_momentum is None else float(self.cayley_momentum)
+
+    @property
+    def cayley_clip_used(self) -> float:
+        """The bound on the gradient's global norm (0: no clipping)."""
+        return DEFAULT_CAYLEY_CLIP if self.cayley_clip is None else float(self.cayley_clip)
 
     @property
     def cayley_weights_used(self) -> str:
@@ -345,11 +358,11 @@ class QuantConfig:
         d["rank"] = self.rank_used
         d["cayley_steps"] = self.cayley_steps_used
         if self.cayley_steps_used:
-            for name in ("lr", "batch", "weights", "dtype", "micro_batch", "loss", "momentum"):
+            for name in ("lr", "batch", "weights", "dtype", "micro_batch", "loss", "momentum", "clip"):
                 d[f"cayley_{name}"] = getattr(self, f"cayley_{name}_used")
         else:
             for name in ("cayley_lr", "cayley_windows", "cayley_batch", "cayley_weights", "cayley_dtype",
-                         "cayley_micro_batch", "cayley_loss", "cayley_momentum"):
+                         "cayley_micro_batch", "cayley_loss", "cayley_momentum", "cayley_clip"):
                 d[name] = None
         if not uses_gptq(self):
             d["act_order"] = d["damp"] = None
