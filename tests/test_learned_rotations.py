@@ -254,10 +254,41 @@ def test_training_lowers_the_quantized_loss_and_stays_orthogonal(fused, sampled)
                           CayleyConfig(steps=12, lr=0.3, batch_size=4, checkpoint_every=4), progress=False)
     after = float(rotated_nll(res.rotations, frozen, tokens, config=config, hooks=hooks).mean())
     assert np.all(np.isfinite(res.losses)), res.losses
+    change, se = res.loss_change()  # the training's own paired measurement on its 16 windows
+    np.testing.assert_allclose(change, after - before, rtol=1e-4, atol=1e-6)
+    assert 0 < se < -change, (change, se)  # measured: -0.045, se 0.022 (16 windows)
     assert after < before - 0.02 and after < float_loss + 0.5 * (before - float_loss), (float_loss, before, after)
     for x in jax.tree.leaves(res.rotations):
         eye = jnp.eye(x.shape[-1])
         assert float(jnp.abs(jnp.swapaxes(x, -1, -2) @ x - eye).max()) <= 1e-5
+
+
+def test_window_losses_are_each_windows_loss_and_the_change_its_paired_mean(fused, sampled):
+    """learn.train.window_losses on 13 windows in passes of 4 (the last padded): each window's loss under the
+    quantizers equals the decoder's own forward (float64 log-softmax), window by window in order; TrainResult's
+    loss_change is the mean of end - start and its standard error (std with ddof 1 over sqrt(n))."""
+    from resq_jax.learn.train import TrainResult, loss_pass, window_losses
+
+    config, _, _, weights = fused
+    frozen = stack_layers(config, weights)
+    start = identity_rotations((56, 8), (14, 2), config.num_layers)
+    hooks = FakeQuantHooks(SPEC)
+    arrays = {k: v for k, v in frozen.items() if k != "down_hadamard"}
+    windows = sampled[:13]
+    got = window_losses(loss_pass(config, hooks, hadamard=frozen["down_hadamard"]), start, windows, arrays, chunk=4)
+    logits = np.asarray(from_weights(config, weights)(jnp.asarray(windows, jnp.int32), hooks=hooks)[0], np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    ref = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], -1)[..., 0].mean(-1)
+    assert got.shape == (13,) and np.ptp(ref) > 0.05
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    end = got + np.array([-0.3, 0.1, -0.2, 0.0, -0.1, -0.4, 0.2, -0.1, 0.0, -0.3, -0.2, 0.1, -0.2])
+    res = TrainResult(rotations=start, losses=np.zeros(1), seconds=0.0, resumed_from=0, start_window_losses=got,
+                      end_window_losses=end)
+    mean, se = res.loss_change()
+    np.testing.assert_allclose(mean, -1.4 / 13, rtol=1e-9)
+    d = end - got
+    np.testing.assert_allclose(se, np.sqrt(((d - d.mean()) ** 2).sum() / 12 / 13), rtol=1e-9)
 
 
 def _kl64(logits_ref, logits) -> np.ndarray:

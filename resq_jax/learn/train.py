@@ -8,6 +8,10 @@ distribution: ``CayleyConfig.loss``), and applies ``cayley_sgd`` under a cosine 
 kept); a run given the same folder resumes from there. A loss that turns non-finite, or rises above
 ``diverge_factor`` times the first step's, stops the run with ``DivergedError`` naming the step; the rotations
 are orthogonal at every step (the optimizer skips non-finite steps), and the last finite ones are reported.
+
+After training, the loss of every training window is measured under the starting and under the learned
+rotations (``window_losses``): a paired comparison on the same windows, the training's own answer to whether
+its loss fell, free of the batch-to-batch spread of the step losses.
 """
 from __future__ import annotations
 
@@ -91,6 +95,14 @@ class TrainResult:
     losses: np.ndarray  # [steps] mean loss of each step's batch
     seconds: float
     resumed_from: int  # the step a checkpoint resumed from (0: a fresh start)
+    start_window_losses: np.ndarray  # [N] each training window's loss under the starting rotations
+    end_window_losses: np.ndarray  # [N] ... under the learned rotations
+
+    def loss_change(self) -> tuple[float, float]:
+        """(mean, standard error) over the training windows of end - start loss, in nats: negative when the
+        learned rotations lower the loss of the windows they were trained on."""
+        d = np.asarray(self.end_window_losses, np.float64) - np.asarray(self.start_window_losses, np.float64)
+        return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
 
 
 def batch_indices(n_windows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -151,6 +163,34 @@ def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks:
     return step
 
 
+def loss_pass(config: ModelConfig, hooks: SiteHooks, *, hadamard: int, weight_spec: WeightSpec | None = None,
+              loss: str = "ce"):
+    """The jitted (rotations, tokens [B, T], arrays) -> [B] training loss of each window (``LOSSES[loss]``), no
+    gradient; ``arrays`` and ``hadamard`` as ``training_step`` takes them."""
+    if loss not in LOSSES:
+        raise ValueError(f"the training loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+    @jax.jit
+    def losses(rotations, tokens, arrays):
+        model = {**arrays, "down_hadamard": hadamard}
+        return LOSSES[loss](rotations, model, tokens, config=config, hooks=hooks, weight_spec=weight_spec)
+
+    return losses
+
+
+def window_losses(losses, rotations: dict, windows: np.ndarray, arrays: dict, *, chunk: int = 8) -> np.ndarray:
+    """windows: [N, T] -> [N] float64, each window's loss by ``losses`` (``loss_pass``) under ``rotations``,
+    ``chunk`` windows per pass (the last pass padded with copies of the first window, their losses dropped)."""
+    windows = np.asarray(windows)
+    n = windows.shape[0]
+    out = []
+    for i in range(0, n, chunk):
+        idx = np.arange(i, i + chunk)
+        idx[idx >= n] = 0
+        out.append(np.asarray(losses(rotations, jnp.asarray(windows[idx], jnp.int32), arrays), np.float64))
+    return np.concatenate(out)[:n]
+
+
 def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows: np.ndarray, hooks: SiteHooks,
                     cc: CayleyConfig = CayleyConfig(), *, checkpoint_dir: str | Path | None = None,
                     progress: bool | str = True, weight_spec: WeightSpec | None = None) -> TrainResult:
@@ -162,6 +202,7 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
     if windows.ndim != 2 or windows.shape[0] < cc.batch_size:
         raise ValueError(f"training needs at least batch_size = {cc.batch_size} windows [N, T], got {windows.shape}")
     check_orthogonal(rotations)
+    initial = rotations
     opt = optimizer(cc)
     state = opt.init(rotations)
     losses = np.full(cc.steps, np.nan)
@@ -201,4 +242,9 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
             manager.wait_until_finished()
     if bar is not None:
         bar.close()
-    return TrainResult(rotations=rotations, losses=losses, seconds=time.perf_counter() - t0, resumed_from=start)
+    seconds = time.perf_counter() - t0
+    measure = loss_pass(config, hooks, hadamard=frozen["down_hadamard"], weight_spec=weight_spec, loss=cc.loss)
+    measured = {name: window_losses(measure, r, windows, arrays, chunk=cc.micro_batch or cc.batch_size)
+                for name, r in (("start", initial), ("end", rotations))}
+    return TrainResult(rotations=rotations, losses=losses, seconds=seconds, resumed_from=start,
+                       start_window_losses=measured["start"], end_window_losses=measured["end"])

@@ -170,9 +170,15 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
                          "momentum": qc.cayley_momentum_used, "clip": qc.cayley_clip_used,
                          "dtype": qc.cayley_dtype_used,
                          "micro_batch": qc.cayley_micro_batch_used, "resumed_from": result.resumed_from,
-                         "losses": [float(x) for x in result.losses], "seconds": result.seconds}
-    log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, loss "
-        f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+                         "losses": [float(x) for x in result.losses], "seconds": result.seconds,
+                         "window_losses": {"start": [float(x) for x in result.start_window_losses],
+                                           "end": [float(x) for x in result.end_window_losses]}}
+    change, se = result.loss_change()
+    details["cayley"]["loss_change"] = {"mean": change, "se": se}
+    log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, step loss "
+        f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; on the {len(windows)} training windows "
+        f"{np.mean(result.start_window_losses):.4f} -> {np.mean(result.end_window_losses):.4f} "
+        f"({change:+.4f} nats, se {se:.4f})")
     return refined
 
 
