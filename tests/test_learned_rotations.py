@@ -401,6 +401,12 @@ def test_pipeline_refines_resq_rotations_inside_its_subspaces(tiny, sampled):
     tuned = quantize_model(m.config, m.weights, qc, sampled, stats=base.stats, progress=False)
     losses = tuned.details["cayley"]["losses"]
     assert len(losses) == 4 and np.all(np.isfinite(losses)) and tuned.seconds["train"] > 0
+    measured = tuned.details["cayley"]["window_losses"]  # every training window, before and after
+    start, end = np.asarray(measured["start"]), np.asarray(measured["end"])
+    assert start.shape == end.shape == (len(sampled),) and np.all(np.isfinite(start)) and np.any(start != end)
+    change = tuned.details["cayley"]["loss_change"]
+    np.testing.assert_allclose(change["mean"], end.mean() - start.mean(), rtol=1e-9, atol=1e-12)
+    assert 0 < change["se"] < np.inf
     u0, u1 = base.transforms.residual, tuned.transforms.residual
     np.testing.assert_allclose(u1.T @ u1, np.eye(64), atol=1e-12)
     q1 = u0.T @ u1

@@ -174,7 +174,7 @@ def _learned(config: ModelConfig, w: Mapping[str, np.ndarray], transforms: Trans
                          "window_losses": {"start": [float(x) for x in result.start_window_losses],
                                            "end": [float(x) for x in result.end_window_losses]}}
     change, se = result.loss_change()
-    details["cayley"]["loss_change"] = {"mean": change, "se": se}
+    details["cayley"]["loss_change"] = {"mean": change, "se": se if np.isfinite(se) else None}  # None: one window
     log(f"{qc.method}: rotations trained {len(result.losses)} steps in {result.seconds:.0f}s, step loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; on the {len(windows)} training windows "
         f"{np.mean(result.start_window_losses):.4f} -> {np.mean(result.end_window_losses):.4f} "
