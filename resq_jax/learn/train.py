@@ -124,6 +124,22 @@ def optimizer(cc: CayleyConfig) -> optax.GradientTransformation:
     return sgd if cc.clip is None else optax.chain(optax.clip_by_global_norm(cc.clip), sgd)
 
 
+def loss_pass(config: ModelConfig, hooks: SiteHooks, *, hadamard: int, weight_spec: WeightSpec | None = None,
+              loss: str = "ce"):
+    """The jitted (rotations, tokens [B, T], arrays) -> [B] training loss of each window (``LOSSES[loss]``), no
+    gradient unless differentiated (``training_step`` does); ``arrays`` is the frozen model (``stack_layers``)
+    without its ``down_hadamard`` size (``hadamard``, static)."""
+    if loss not in LOSSES:
+        raise ValueError(f"the training loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+    @jax.jit
+    def losses(rotations, tokens, arrays):
+        model = {**arrays, "down_hadamard": hadamard}
+        return LOSSES[loss](rotations, model, tokens, config=config, hooks=hooks, weight_spec=weight_spec)
+
+    return losses
+
+
 def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks: SiteHooks, *, hadamard: int,
                   weight_spec: WeightSpec | None = None, micro_batch: int | None = None, loss: str = "ce"):
     """The jitted step (rotations, opt_state, tokens [B, T], arrays) -> (rotations, opt_state, mean loss): the
@@ -134,15 +150,11 @@ def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks:
     (``stack_layers``) without its ``down_hadamard`` size (``hadamard``, static). The model is an argument, not a
     closure: closed-over arrays would be baked into the executable as constants (a second copy of the model, and
     a slow compile)."""
-    if loss not in LOSSES:
-        raise ValueError(f"the training loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    loss_fn = LOSSES[loss]
+    losses = loss_pass(config, hooks, hadamard=hadamard, weight_spec=weight_spec, loss=loss)
 
     @jax.jit
     def step(rotations, state, tokens, arrays):
-        model = {**arrays, "down_hadamard": hadamard}
-        value_and_grad = jax.value_and_grad(
-            lambda r, t: loss_fn(r, model, t, config=config, hooks=hooks, weight_spec=weight_spec).mean())
+        value_and_grad = jax.value_and_grad(lambda r, t: losses(r, t, arrays).mean())
         b = tokens.shape[0]
         if micro_batch is None or micro_batch == b:
             loss, grads = value_and_grad(rotations, tokens)
@@ -161,21 +173,6 @@ def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks:
         return optax.apply_updates(rotations, updates), state, loss
 
     return step
-
-
-def loss_pass(config: ModelConfig, hooks: SiteHooks, *, hadamard: int, weight_spec: WeightSpec | None = None,
-              loss: str = "ce"):
-    """The jitted (rotations, tokens [B, T], arrays) -> [B] training loss of each window (``LOSSES[loss]``), no
-    gradient; ``arrays`` and ``hadamard`` as ``training_step`` takes them."""
-    if loss not in LOSSES:
-        raise ValueError(f"the training loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-
-    @jax.jit
-    def losses(rotations, tokens, arrays):
-        model = {**arrays, "down_hadamard": hadamard}
-        return LOSSES[loss](rotations, model, tokens, config=config, hooks=hooks, weight_spec=weight_spec)
-
-    return losses
 
 
 def window_losses(losses, rotations: dict, windows: np.ndarray, arrays: dict, *, chunk: int = 8) -> np.ndarray:
