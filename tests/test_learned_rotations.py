@@ -385,6 +385,28 @@ def test_a_diverging_learning_rate_stops_with_orthogonal_rotations(fused):
         CayleyConfig(lr=float("nan"))
 
 
+def test_quantize_py_reports_a_diverged_training_in_one_line(tmp_path, monkeypatch, capsys):
+    """quantize.py whose rotation training diverges (forced here: a bound of half the first step's loss, which that
+    step already passes) exits with status 2 and one line naming the method, the step and the fix, and writes no
+    --json."""
+    from resq_jax.cli.quantize import main
+    from resq_jax.pipeline import quantize as pipeline
+
+    real = pipeline.cayley_config
+    monkeypatch.setattr(pipeline, "cayley_config",
+                        lambda qc: dataclasses.replace(real(qc), diverge_factor=0.5))
+    model = write_random_model(tmp_path / "model", "tiny-llama-smol")
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as e:
+        main(["--quiet", "--model", str(model), "--method", "spinquant", "--weight-quantizer", "rtn",
+              "--cayley-steps", "12", "--cayley-batch", "4", "--calib-windows", "8", "--calib-seq-len", "32",
+              "--eval-windows", "2", "--eval-seq-len", "32", "--json", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and not out.exists()
+    assert len(lines) == 1 and lines[0].startswith("error: spinquant: the rotation training diverged at step "), lines
+    assert "diverged at step 1 of 12" in lines[0] and "lower --cayley-lr (now 1.5)" in lines[0], lines
+
+
 # --- the pipeline: --cayley-steps and the spinquant recipe ----------------------------------------------------
 def test_pipeline_refines_resq_rotations_inside_its_subspaces(tiny, sampled):
     """quantize_model(resq, cayley_steps=4): the refined residual basis is the recipe's times a rotation that is

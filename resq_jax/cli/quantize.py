@@ -272,6 +272,7 @@ def run(args) -> int:
     # --- the work --------------------------------------------------------------------------
     from resq_jax.eval.perplexity import perplexity
     from resq_jax.models.streaming import LayerStreamer
+    from resq_jax.learn.train import DivergedError
     from resq_jax.pipeline.quantize import quantize_model
     from resq_jax.quant.code_store import CodeStore
     from resq_jax.runtime.pack import packed_streamer, try_pack
@@ -285,9 +286,14 @@ def run(args) -> int:
         if last is not None:
             last[0].codes.close()
             last = None
-        qm = quantize_model(loaded.config, loaded.weights, qc, calib, stats=stats_cache.get(qc.recipe.fold_norms),
-                            progress=not args.quiet, log=log, codes=CodeStore.spilled(),
-                            cayley_dir=args.cayley_checkpoint if qc.cayley_steps_used else None)
+        codes = CodeStore.spilled()
+        try:
+            qm = quantize_model(loaded.config, loaded.weights, qc, calib, stats=stats_cache.get(qc.recipe.fold_norms),
+                                progress=not args.quiet, log=log, codes=codes,
+                                cayley_dir=args.cayley_checkpoint if qc.cayley_steps_used else None)
+        except DivergedError as e:  # nothing is written: the table, --json and --out come after every method
+            codes.close()
+            raise UserError(f"{qc.method}: {e}") from None
         if qm.stats is not None:
             stats_cache[qc.recipe.fold_norms] = qm.stats
         # --eval-path packed: the model as pack_model stores it (runtime.pack.integer_decoder), kept for --out

@@ -8,6 +8,8 @@ distribution: ``CayleyConfig.loss``), and applies ``cayley_sgd`` under a cosine 
 kept); a run given the same folder resumes from there. A loss that turns non-finite, or rises above
 ``diverge_factor`` times the first step's, stops the run with ``DivergedError`` naming the step; the rotations
 are orthogonal at every step (the optimizer skips non-finite steps), and the last finite ones are reported.
+Cayley SGD caps every step at a moderate rotation, so a learning rate that is merely too large does not trip this
+guard (docs/algorithms.md, Divergence): it is there for numerical failure.
 
 After training, the loss of every training window is measured under the starting and under the learned
 rotations (``window_losses``): a paired comparison on the same windows, the training's own answer to whether
@@ -175,9 +177,11 @@ def training_step(config: ModelConfig, opt: optax.GradientTransformation, hooks:
     return step
 
 
-def window_losses(losses, rotations: dict, windows: np.ndarray, arrays: dict, *, chunk: int = 8) -> np.ndarray:
+def window_losses(losses, rotations: dict, windows: np.ndarray, arrays: dict, *, chunk: int = 8,
+                  bar=None) -> np.ndarray:
     """windows: [N, T] -> [N] float64, each window's loss by ``losses`` (``loss_pass``) under ``rotations``,
-    ``chunk`` windows per pass (the last pass padded with copies of the first window, their losses dropped)."""
+    ``chunk`` windows per pass (the last pass padded with copies of the first window, their losses dropped);
+    ``bar`` (a progress bar, optional) advances by the windows of each pass."""
     windows = np.asarray(windows)
     n = windows.shape[0]
     out = []
@@ -185,6 +189,8 @@ def window_losses(losses, rotations: dict, windows: np.ndarray, arrays: dict, *,
         idx = np.arange(i, i + chunk)
         idx[idx >= n] = 0
         out.append(np.asarray(losses(rotations, jnp.asarray(windows[idx], jnp.int32), arrays), np.float64))
+        if bar is not None:
+            bar.update(min(chunk, n - i))
     return np.concatenate(out)[:n]
 
 
@@ -241,7 +247,11 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
         bar.close()
     seconds = time.perf_counter() - t0
     measure = loss_pass(config, hooks, hadamard=frozen["down_hadamard"], weight_spec=weight_spec, loss=cc.loss)
-    measured = {name: window_losses(measure, r, windows, arrays, chunk=cc.micro_batch or cc.batch_size)
+    bar = progress_bar(2 * len(windows), f"{progress if isinstance(progress, str) else 'cayley'}: start vs end "
+                       "loss", unit="window") if progress else None
+    measured = {name: window_losses(measure, r, windows, arrays, chunk=cc.micro_batch or cc.batch_size, bar=bar)
                 for name, r in (("start", initial), ("end", rotations))}
+    if bar is not None:
+        bar.close()
     return TrainResult(rotations=rotations, losses=losses, seconds=seconds, resumed_from=start,
                        start_window_losses=measured["start"], end_window_losses=measured["end"])
