@@ -271,8 +271,8 @@ def run(args) -> int:
 
     # --- the work --------------------------------------------------------------------------
     from resq_jax.eval.perplexity import perplexity
-    from resq_jax.models.streaming import LayerStreamer
     from resq_jax.learn.train import DivergedError
+    from resq_jax.models.streaming import LayerStreamer
     from resq_jax.pipeline.quantize import quantize_model
     from resq_jax.quant.code_store import CodeStore
     from resq_jax.runtime.pack import packed_streamer, try_pack
