@@ -295,7 +295,7 @@ def quantize_model(config: ModelConfig, weights: Mapping[str, np.ndarray], qc: Q
                 qw = gptq_weights_codes(config, w, calib_windows, weight_spec(config, qc), act_order=qc.act_order,
                                         damp=qc.damp, progress=progress, timings=details, codes=codes)
             else:
-                qw = rtn_weights_codes(config, w, weight_spec(config, qc), codes=codes)
+                qw = rtn_weights_codes(config, w, weight_spec(config, qc), codes=codes, progress=progress)
             w = qw.weights
             if hooks.spec.qk_bits < OFF and transforms.key is not None:
                 w = fake_quantize_key_rotation(w, config.num_layers, hooks.spec.qk_bits)

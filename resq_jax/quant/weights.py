@@ -92,12 +92,13 @@ def dequantized(config: ModelConfig, weights: Mapping[str, np.ndarray], codes: M
 
 
 def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], spec: WeightSpec,
-                      codes: MutableMapping | None = None) -> QuantizedWeights:
+                      codes: MutableMapping | None = None, progress: bool = False) -> QuantizedWeights:
     """Every decoder linear quantized with round-to-nearest (embeddings, lm_head untouched); the codes
-    go to ``codes`` (default a CodeStore in memory), one linear at a time."""
+    go to ``codes`` (default a CodeStore in memory), one linear at a time; ``progress``: a bar by layer."""
     codes = CodeStore() if codes is None else codes
     if spec.w_bits >= OFF:
         return QuantizedWeights(weights, codes)
+    bar = progress_bar(config.num_layers, "rtn", unit="layer") if progress else None
     for i in range(config.num_layers):
         for name in LINEARS:
             key = f"layers.{i}.{name}"
@@ -105,6 +106,10 @@ def rtn_weights_codes(config: ModelConfig, weights: Mapping[str, np.ndarray], sp
             w = np.asarray(weights[key], np.float32)
             codes[key] = quantize_weight_sym(jnp.asarray(w if perm is None else w[perm]), spec.w_bits,
                                              spec.high_bits, high, spec.clip_search)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return QuantizedWeights(dequantized(config, weights, codes, spec), codes)
 
 
