@@ -221,7 +221,8 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
     step = training_step(config, opt, hooks, hadamard=frozen["down_hadamard"], weight_spec=weight_spec,
                          micro_batch=cc.micro_batch, loss=cc.loss)
 
-    bar = progress_bar(cc.steps, progress if isinstance(progress, str) else "cayley", unit="step") if progress else None
+    label = progress if isinstance(progress, str) else "cayley"
+    bar = progress_bar(cc.steps, label, unit="step") if progress else None
     if bar is not None:
         bar.update(start)
     t0 = time.perf_counter()
@@ -247,8 +248,7 @@ def train_rotations(config: ModelConfig, frozen: dict, rotations: dict, windows:
         bar.close()
     seconds = time.perf_counter() - t0
     measure = loss_pass(config, hooks, hadamard=frozen["down_hadamard"], weight_spec=weight_spec, loss=cc.loss)
-    bar = progress_bar(2 * len(windows), f"{progress if isinstance(progress, str) else 'cayley'}: start vs end "
-                       "loss", unit="window") if progress else None
+    bar = progress_bar(2 * len(windows), f"{label}: start vs end loss", unit="window") if progress else None
     measured = {name: window_losses(measure, r, windows, arrays, chunk=cc.micro_batch or cc.batch_size, bar=bar)
                 for name, r in (("start", initial), ("end", rotations))}
     if bar is not None:
